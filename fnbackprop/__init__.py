@@ -1,0 +1,42 @@
+"""fnbackprop: backpropagation as explicit pure functions in JAX.
+
+Public API::
+
+    import fnbackprop as fb
+    net = fb.MLP(sizes=(64, 32, 10), hidden="relu", output="softmax", loss="cross_entropy")
+    params = fb.init(key, net, scheme="he_normal")
+    fb.forward(net, params, x)                   # (B, n_L)
+    fb.loss(net, params, x, y)                   # scalar
+    fb.manual_grad(net, params, x, y)            # hand-derived δ recursion
+    fb.autodiff_grad(net, params, x, y)          # jax.grad reference
+    fb.check_gradients(net, params, x, y)        # report
+"""
+
+from fnbackprop.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
+from fnbackprop.backprop import Backward, autodiff_grad, backward, manual_grad
+from fnbackprop.gradcheck import GradCheckReport, GradCheckRow, check_gradients
+from fnbackprop.losses import loss
+from fnbackprop.network import INIT_SCHEMES, LOSSES, MLP, ForwardTrace, forward, forward_trace, init
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "HIDDEN_ACTIVATIONS",
+    "OUTPUT_ACTIVATIONS",
+    "INIT_SCHEMES",
+    "LOSSES",
+    "MLP",
+    "Backward",
+    "ForwardTrace",
+    "GradCheckReport",
+    "GradCheckRow",
+    "autodiff_grad",
+    "backward",
+    "check_gradients",
+    "forward",
+    "forward_trace",
+    "init",
+    "loss",
+    "manual_grad",
+]

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fnbackprop.losses import (
     check_regularisation,
@@ -70,13 +71,25 @@ def backward(
     Returns:
       A :class:`Backward` with per-example deltas.
     """
+    return _backward(net, params, x, y, dropout, key, mean=False)
+
+
+def _backward(net, params, x, y, dropout, key, *, mean: bool) -> Backward:
+    """:func:`backward`; with ``mean=True`` the deltas of the batch mean (per-example / B).
+
+    The recursion is linear in δ, so scaling δ^L by 1/B once scales every δ^l: cheaper than
+    rescaling each layer's δ afterwards (an extra pass over a ``(B, n_l)`` array per layer,
+    which ``jax.grad`` does not do either).
+    """
     check_params(net, params)
     check_inputs(net, x)
     dtype = params[0]["w"].dtype
+    y = prepare_targets(net, y, x.shape[0], dtype)  # checked before any work
     masks = dropout_masks(net, key, dropout, x.shape[0], dtype)
     trace = forward_trace(net, params, x, masks)
-    y = prepare_targets(net, y, x.shape[0], dtype)
     delta = output_delta(net, trace.z[-1], trace.a[-1], y)
+    if mean:
+        delta = delta * jnp.asarray(1.0 / x.shape[0], dtype)
     deltas = [delta]
     for l in range(net.num_layers - 1, 0, -1):  # hidden layers L-1 .. 1
         g = delta @ params[l]["w"].T  # ∂/∂a^l: (B, n_{l+1}) @ (n_{l+1}, n_l)
@@ -104,18 +117,24 @@ def manual_grad(
     (``jax.jit(manual_grad, static_argnums=0)``); uses no JAX autodiff.
 
     Returns:
-      A pytree like ``params``: ``{"w": a^{l−1 ᵀ} δ^l / B + l1 sign(w) + l2 w, "b": Σ δ^l / B}``.
+      A pytree like ``params``: ``{"w": a^{l−1 ᵀ} δ^l / B + l1 sign(w) + l2 w, "b": Σ δ^l / B}``
+      (the penalty term is left out when ``l1`` and ``l2`` are concrete zeros).
     """
     check_regularisation(l1, l2)
-    bw = backward(net, params, x, y, dropout=dropout, key=key)
-    inv_b = 1.0 / x.shape[0]
+    bw = _backward(net, params, x, y, dropout, key, mean=True)  # δ of the batch mean
+    penalised = not (_is_concrete_zero(l1) and _is_concrete_zero(l2))
     grads = []
     for p, a_prev, delta in zip(params, bw.trace.a[:-1], bw.delta):
-        delta = delta * jnp.asarray(inv_b, delta.dtype)  # δ of the batch mean
-        grads.append(
-            {"w": a_prev.T @ delta + penalty_grad(p["w"], l1, l2), "b": jnp.sum(delta, axis=0)}
-        )
+        dw = a_prev.T @ delta
+        if penalised:
+            dw = dw + penalty_grad(p["w"], l1, l2)
+        grads.append({"w": dw, "b": jnp.sum(delta, axis=0)})
     return grads
+
+
+def _is_concrete_zero(v) -> bool:
+    """Whether ``v`` is a concrete (not traced) zero: its penalty term can be left out."""
+    return not isinstance(v, jax.core.Tracer) and bool(np.all(np.asarray(v) == 0))
 
 
 def autodiff_grad(

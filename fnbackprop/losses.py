@@ -161,8 +161,8 @@ def check_regularisation(l1, l2) -> None:
 
 def data_loss(net: MLP, params: Params, x: jax.Array, y: jax.Array, masks=None) -> jax.Array:
     """Batch-mean data loss (no penalty) with optional dropout masks."""
+    y = prepare_targets(net, y, x.shape[0], params[0]["w"].dtype)  # checked before any work
     trace = forward_trace(net, params, x, masks)
-    y = prepare_targets(net, y, x.shape[0], trace.a[-1].dtype)
     return jnp.mean(per_example_loss(net, trace.z[-1], trace.a[-1], y))
 
 
@@ -195,5 +195,6 @@ def loss(
     check_regularisation(l1, l2)
     check_params(net, params)
     check_inputs(net, x)
+    prepare_targets(net, y, x.shape[0], params[0]["w"].dtype)
     masks = dropout_masks(net, key, dropout, x.shape[0], params[0]["w"].dtype)
     return data_loss(net, params, x, y, masks) + penalty(params, l1, l2)

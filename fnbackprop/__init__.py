@@ -14,9 +14,18 @@ Public API::
 
 from fnbackprop.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
 from fnbackprop.backprop import Backward, autodiff_grad, backward, manual_grad
+from fnbackprop.data import DATASETS, DataError, Dataset, load_dataset
 from fnbackprop.gradcheck import GradCheckReport, GradCheckRow, check_gradients
 from fnbackprop.losses import loss
 from fnbackprop.network import INIT_SCHEMES, LOSSES, MLP, ForwardTrace, forward, forward_trace, init
+from fnbackprop.per_example import (
+    PER_EXAMPLE_METHODS,
+    clipped_grad,
+    clipped_grad_and_norms,
+    per_example_grad_norms,
+    per_example_grads,
+)
+from fnbackprop.training import TrainConfig, TrainResult, default_config, train
 
 __version__ = "0.1.0"
 
@@ -39,4 +48,17 @@ __all__ = [
     "init",
     "loss",
     "manual_grad",
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "load_dataset",
+    "PER_EXAMPLE_METHODS",
+    "clipped_grad",
+    "clipped_grad_and_norms",
+    "per_example_grad_norms",
+    "per_example_grads",
+    "TrainConfig",
+    "TrainResult",
+    "default_config",
+    "train",
 ]

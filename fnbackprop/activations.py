@@ -75,7 +75,7 @@ def _d_tanh(z, a):  # tanh'(z) = 1 − tanh²(z)
 
 
 def _relu(z):
-    return jnp.where(z > 0, z, jnp.zeros_like(z))
+    return jax.nn.relu(z)  # max(z, 0); propagates NaN (a where(z > 0, ...) would hide overflow)
 
 
 def _d_relu(z, a):  # 1 for z > 0, else 0 (0 at the kink)

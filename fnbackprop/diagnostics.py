@@ -64,7 +64,8 @@ def _finite(v) -> float:
     return float("nan") if v is None else float(v)
 
 
-def plot_history(history: Sequence[dict], out_dir: str, *, task: str = "classification") -> list[str]:
+def plot_history(history: Sequence[dict], out_dir: str, *,
+                 task: str = "classification") -> list[str]:
     """Writes the training plots as PNG files (matplotlib, Agg backend) into ``out_dir``.
 
     * ``curves.png``: train/validation/test loss, and accuracy (classification) or R² (regression)
@@ -79,10 +80,15 @@ def plot_history(history: Sequence[dict], out_dir: str, *, task: str = "classifi
     Returns:
       The paths written (each written atomically: temporary file, then ``os.replace``).
     """
-    import matplotlib
+    # The object-oriented API with the Agg canvas: no pyplot, no global figure state, and no
+    # interactive backend is ever touched (and pyplot's import is skipped: ~0.3 s).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def subplots():
+        fig = Figure(figsize=(10, 4))
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(1, 2)
 
     if not history:
         return []
@@ -91,10 +97,11 @@ def plot_history(history: Sequence[dict], out_dir: str, *, task: str = "classifi
     label = "accuracy" if task == "classification" else "R²"
     paths = []
 
-    fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_l, ax_m) = subplots()
     for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
         if f"{split}_loss" in history[0]:
-            ax_l.plot(epochs, [_finite(h.get(f"{split}_loss")) for h in history], style, label=split)
+            ax_l.plot(epochs, [_finite(h.get(f"{split}_loss")) for h in history], style,
+                      label=split)
         if f"{split}_{metric}" in history[0]:
             ax_m.plot(epochs, [_finite(h.get(f"{split}_{metric}")) for h in history], style,
                       label=split)
@@ -111,11 +118,10 @@ def plot_history(history: Sequence[dict], out_dir: str, *, task: str = "classifi
     fig.tight_layout()
     path = os.path.join(out_dir, "curves.png")
     _atomic_savefig(fig, path)
-    plt.close(fig)
     paths.append(path)
 
     num_layers = len(history[0]["grad_norm"])
-    fig, (ax_g, ax_d) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_g, ax_d) = subplots()
     for l in range(num_layers):
         g = [_finite(h["grad_norm"][l]) for h in history]
         d = [_finite(h["delta_norm"][l]) for h in history]
@@ -132,6 +138,5 @@ def plot_history(history: Sequence[dict], out_dir: str, *, task: str = "classifi
     fig.tight_layout()
     path = os.path.join(out_dir, "gradient_flow.png")
     _atomic_savefig(fig, path)
-    plt.close(fig)
     paths.append(path)
     return paths

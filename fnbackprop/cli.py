@@ -304,6 +304,25 @@ def _add_train(sub) -> None:
       "as the first time (default: off)")
     a("--quiet", action="store_true", default=False,
       help="no progress bar and no gradient check, only the result (default: off)")
+    g = p.add_argument_group(
+        "data parallelism",
+        "Parameters and optimizer state are replicated; every global batch is split over the "
+        "devices; results equal a one-device run. Several processes (hosts): start the same "
+        "command on each with --coordinator HOST:PORT (process 0's address), --num-processes N "
+        "and its own --process-id I, and the same --out on a shared folder; process 0 writes "
+        "the outputs.")
+    g.add_argument("--data-parallel", action="store_true", default=False,
+                   help="use every device JAX sees (default: one device)")
+    g.add_argument("--parallel", choices=("sharding", "pmap"), default="sharding",
+                   help="sharding: one jit partitioned over a device mesh (any batch size); "
+                   "pmap: lax.pmean of per-device gradients (batch size divisible by the "
+                   "device count)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                   help="join a multi-process run through jax.distributed (default: none)")
+    g.add_argument("--num-processes", type=positive_int("--num-processes"), default=None,
+                   metavar="N", help="number of processes of a multi-process run")
+    g.add_argument("--process-id", type=positive_int("--process-id", allow_zero=True),
+                   default=None, metavar="I", help="this process's index in [0, N)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -351,6 +370,17 @@ def _cmd_train(args) -> int:
         raise UsageError(str(e)) from None
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out DIR (the folder of the run to continue)")
+    multi = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in multi):
+        if any(v is None for v in multi):
+            raise UsageError("a multi-process run needs all of --coordinator HOST:PORT, "
+                             "--num-processes N and --process-id I")
+        if args.process_id >= args.num_processes:
+            raise UsageError(f"--process-id {args.process_id} must be in "
+                             f"[0, {args.num_processes})")
+        if args.out is None:
+            raise UsageError("a multi-process run needs --out DIR (the same folder for all)")
+    primary = args.process_id in (None, 0)
     if config.dataset.lower().endswith((".npz", ".csv")) and not os.path.isfile(config.dataset):
         if os.path.isdir(config.dataset):
             raise UsageError(f"{config.dataset} is a folder, not a data file")
@@ -358,7 +388,7 @@ def _cmd_train(args) -> int:
     out = args.out if args.out is not None else _default_out(config.dataset)
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out!r} exists and is not a folder")
-    if not args.resume and os.path.isdir(out) and os.listdir(out):
+    if primary and not args.resume and os.path.isdir(out) and os.listdir(out):
         raise UsageError(
             f"--out {out!r} is not empty; add --resume to continue the run in it, or choose a "
             "new folder (nothing was changed)"
@@ -368,6 +398,14 @@ def _cmd_train(args) -> int:
 
     if config.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    if args.coordinator is not None:
+        from fnbackprop.parallel import initialize_distributed
+
+        try:
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    devices = "all" if (args.data_parallel or args.coordinator is not None) else None
     from fnbackprop import data as data_lib
     from fnbackprop import training
 
@@ -379,7 +417,7 @@ def _cmd_train(args) -> int:
         raise UsageError(" ".join(str(e).split())) from None
 
     _enable_compile_cache(data_lib.cache_dir())  # everything is validated: the work starts
-    if not args.resume and not args.quiet:
+    if primary and not args.resume and not args.quiet:
         report = training.check_first_batch(config, data=ds)
         print(f"gradient check of the first batch ({report.dtype}): manual vs jax.grad max rel "
               f"{report.max_rel_autodiff:.1e} (tol {report.tol_autodiff:g}), vs finite "
@@ -391,12 +429,17 @@ def _cmd_train(args) -> int:
 
     try:
         result = training.train(config, out=out, resume=args.resume,
-                                progress=not args.quiet and sys.stderr.isatty(), data=ds)
-    except CheckpointError as e:  # e.g. every checkpoint unreadable: raised before any training
+                                progress=primary and not args.quiet and sys.stderr.isatty(),
+                                data=ds, devices=devices, parallel=args.parallel)
+    except (CheckpointError, ValueError) as e:  # raised before any training, e.g. every
+        # checkpoint unreadable, or a batch size that --parallel pmap cannot split evenly
         raise UsageError(" ".join(str(e).split())) from None
     s = result.summary
     metric = (f"test accuracy {s['test_accuracy']:.4f}" if "test_accuracy" in s
               else f"test R² {s['test_r2']:.4f}")
+    if s["devices"] > 1:
+        print(f"data parallel ({s['parallel']}): {s['devices']} devices in "
+              f"{s['processes']} process(es)")
     print(f"{config.dataset}: {metric}, test loss {s['test_loss']:.4f} after {s['epochs_run']} "
           f"epochs ({s['stop_reason']}); training {s['train_time_s']:.2f} s, compile "
           f"{s['compile_time_s']:.2f} s")

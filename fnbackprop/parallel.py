@@ -100,10 +100,15 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
     sharding = replicated_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
-    return jax.tree.map(
-        lambda v: jax.make_array_from_callback(np.shape(v), sharding, lambda idx: np.asarray(v)[idx]),
-        tree,
-    )
+
+    def one(v):
+        if jnp.issubdtype(jnp.result_type(v), jax.dtypes.prng_key):  # typed PRNG keys
+            return jax.random.wrap_key_data(one(jax.random.key_data(v)),
+                                            impl=jax.random.key_impl(v))
+        host = np.asarray(v)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree)
 
 
 def sharded_grad(grad_fn: Callable, mesh: Mesh, *, static_argnums=(0,)) -> Callable:

@@ -94,6 +94,7 @@ import numpy as np
 import optax
 
 from fnbackprop import data as data_lib
+from fnbackprop import parallel as parallel_lib
 from fnbackprop.activations import HIDDEN_ACTIVATIONS
 from fnbackprop.backprop import autodiff_grad, backward, manual_grad
 from fnbackprop.diagnostics import delta_norm_sums
@@ -559,8 +560,10 @@ def _make_grad_fn(net: MLP, config: TrainConfig):
     sigma = config.noise_multiplier
     penalised = bool(l1) or bool(l2)
 
-    def grad_fn(params, x, y, key):
+    def grad_fn(params, x, y, key, shard=None):
         k_drop, k_noise = jax.random.split(key)
+        if shard is not None:  # pmap: each device draws the dropout masks of its own examples
+            k_drop = jax.random.fold_in(k_drop, shard)
         drop_key = k_drop if rate > 0 else None
         bw = backward(net, params, x, y, dropout=rate, key=drop_key)
         y_t = prepare_targets(net, y, x.shape[0], bw.trace.a[-1].dtype)
@@ -597,6 +600,8 @@ class _EpochSpec(NamedTuple):
     augment_kind: str
     image_shape: tuple[int, ...] | None
     total_steps: int
+    mesh: Any = None          # jax.sharding mode: the data mesh (batches sharded over it)
+    pmap_devices: int = 0     # pmap mode: the global number of devices (0: no pmap)
 
 
 def _epoch_spec(prep: _Prepared) -> _EpochSpec:
@@ -621,14 +626,37 @@ def _make_epoch_fn(spec: _EpochSpec, tx):
     grad_fn = _make_grad_fn(net, config)
     kind = spec.augment_kind
     image_shape = spec.image_shape
+    n_dev = spec.pmap_devices
+    if n_dev:
+        # pmap: each device computes the mean over its B/D examples and lax.pmean averages them.
+        # The DP noise is drawn from the same key on every device, so it survives the pmean
+        # unchanged; scaling σ by 1/D makes its std σC/B for the global batch B (not σC/(B/D)).
+        shard_grad_fn = _make_grad_fn(net, dataclasses.replace(
+            config, noise_multiplier=config.noise_multiplier / n_dev))
+        axis = parallel_lib.DATA_AXIS
+    if spec.mesh is not None:
+        rows = lambda v: jax.lax.with_sharding_constraint(  # noqa: E731
+            v, parallel_lib.batch_sharding(spec.mesh, 0, v.ndim))
 
-    def step(state: TrainState, xy):
+    def step(state: TrainState, xy, sharded: bool = True):
+        """One optimisation step; ``sharded=False`` (pmap's remainder step): every device
+        computes the whole (small) batch itself, with no collectives."""
         x, y = xy
         key, k_step = jax.random.split(state.key)
         k_aug, k_grad = jax.random.split(k_step)
+        local = n_dev and sharded
+        shard = jax.lax.axis_index(axis) if local else None
+        if spec.mesh is not None and sharded:
+            x, y = rows(x), rows(y)
         if kind != "none":
-            x = data_lib.augment(k_aug, x, kind, image_shape)
-        objective, grads, dsum = grad_fn(state.params, x, y, k_grad)
+            x = data_lib.augment(k_aug if shard is None else jax.random.fold_in(k_aug, shard),
+                                 x, kind, image_shape)
+        if local:
+            objective, grads, dsum = shard_grad_fn(state.params, x, y, k_grad, shard)
+            objective, grads = jax.lax.pmean((objective, grads), axis)
+            dsum = jax.lax.psum(dsum, axis)
+        else:
+            objective, grads, dsum = grad_fn(state.params, x, y, k_grad)
         # Squared norms per layer: the diagnostics, and the finiteness test of the whole step
         # (a sum of squares is finite iff every entry is, short of overflowing the float range).
         sq_w = jnp.stack([jnp.sum(g["w"] * g["w"]) for g in grads])
@@ -642,7 +670,7 @@ def _make_epoch_fn(spec: _EpochSpec, tx):
             return jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new, po)
 
         params, opt_state = jax.lax.cond(ok, apply, lambda po: po, (state.params, state.opt_state))
-        b = x.shape[0]
+        b = x.shape[0] * (n_dev if local else 1)
         dt = objective.dtype
         zero = lambda v: jnp.where(ok, v, jnp.zeros_like(v))  # noqa: E731
         stats = _StepStats(
@@ -661,21 +689,83 @@ def _make_epoch_fn(spec: _EpochSpec, tx):
         m = nb * batch
         xs = x[:m].reshape((nb, batch) + x.shape[1:])
         ys = y[:m].reshape((nb, batch) + y.shape[1:])
+        if n_dev:  # this device's rows of every global batch
+            bl = batch // n_dev
+            start = jax.lax.axis_index(axis) * bl
+            xs = jax.lax.dynamic_slice_in_dim(xs, start, bl, axis=1)
+            ys = jax.lax.dynamic_slice_in_dim(ys, start, bl, axis=1)
         state, stats = jax.lax.scan(step, state, (xs, ys))
         total = jax.tree_util.tree_map(lambda s: jnp.sum(s, axis=0), stats)
         if rem:
-            state, last = step(state, (x[m:], y[m:]))
+            state, last = step(state, (x[m:], y[m:]), sharded=False)
             total = jax.tree_util.tree_map(jnp.add, total, last)
+        if spec.mesh is not None:  # hand back replicated results (readable on every process)
+            state, total = jax.lax.with_sharding_constraint(
+                (state, total), parallel_lib.replicated_sharding(spec.mesh))
         return state, total
 
     return epoch_fn
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
-def _epoch_jit(state, perm, x, y, *, spec: _EpochSpec):
-    """One epoch, compiled once per :class:`_EpochSpec` and process."""
+def _epoch_body(state, perm, x, y, *, spec: _EpochSpec):
     tx = _optimizer(spec.config, spec.total_steps)
     return _make_epoch_fn(spec, tx)(state, perm, x, y)
+
+
+_epoch_jit = jax.jit(_epoch_body, static_argnames=("spec",))
+"""One epoch, compiled once per :class:`_EpochSpec` and process (single device or sharding)."""
+
+
+class _PmapEpoch:
+    """pmap's epoch: inputs copied to every local device, outputs read from the first."""
+
+    def __init__(self, spec: _EpochSpec, devices, args):
+        self._n = len(devices)
+        self._first = devices[0]
+        fn = jax.pmap(functools.partial(_epoch_body, spec=spec),
+                      axis_name=parallel_lib.DATA_AXIS, devices=devices)
+        self._exe = fn.lower(*self._stack(args)).compile()
+
+    def _stack(self, args):
+        return jax.tree_util.tree_map(
+            lambda v: jnp.broadcast_to(v, (self._n,) + jnp.shape(v)), args)
+
+    def __call__(self, *args):
+        stacked = jax.device_put(self._stack(args), self._exe.input_shardings[0])
+        out = self._exe(*stacked)
+        return jax.tree_util.tree_map(lambda v: jax.device_put(v[0], self._first), out)
+
+
+def _resolve_devices(devices, parallel: str) -> list:
+    """The devices of a run (see :func:`train`'s ``devices``), validated before any work."""
+    if parallel not in parallel_lib.PARALLEL_MODES:
+        raise ValueError(f"unknown parallel mode {parallel!r}; allowed: "
+                         f"{', '.join(parallel_lib.PARALLEL_MODES)}")
+    everything = jax.devices()
+    if devices is None:
+        return everything[:1] if jax.process_count() == 1 else everything
+    if isinstance(devices, str):
+        if devices != "all":
+            raise ValueError(f"devices must be 'all', an int, a list of devices or a Mesh, "
+                             f"got {devices!r}")
+        return list(everything)
+    if isinstance(devices, jax.sharding.Mesh):
+        if devices.devices.ndim != 1:
+            raise ValueError(f"the mesh must have one (data) axis, got axes {devices.axis_names}")
+        return list(devices.devices.flat)
+    if isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(everything):
+            raise ValueError(f"devices={devices} but {len(everything)} device(s) are available")
+        return list(everything[:devices])
+    devices = list(devices)
+    if not devices or len(set(devices)) != len(devices):
+        raise ValueError("devices must be a non-empty list of distinct devices")
+    return devices
+
+
+def _put_perm(mesh, perm: np.ndarray):
+    """The epoch's permutation, replicated on the mesh when there is one."""
+    return perm if mesh is None else parallel_lib.replicate(mesh, perm)
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -775,11 +865,6 @@ def _check_out(out, resume: bool) -> None:
 def _ckpt_tree(state: TrainState, best_params, val) -> dict:
     """What a checkpoint holds: the state, and the best parameters when early stopping."""
     return {"state": state, "best_params": best_params if val is not None else None}
-
-
-def _device_names() -> list[str]:
-    d = jax.devices()[0]
-    return [f"{d.platform}:{d.id} ({d.device_kind})"]
 
 
 def check_resume(config: TrainConfig | None = None, out: str | None = None, *, data=None,
@@ -887,6 +972,8 @@ def train(
     resume: bool = False,
     progress: bool = False,
     data=None,
+    devices=None,
+    parallel: str = "sharding",
     **overrides,
 ) -> TrainResult:
     """Trains an MLP; see the module docstring for everything it does.
@@ -905,6 +992,18 @@ def train(
       progress: show a tqdm progress bar on stderr.
       data: a :class:`fnbackprop.data.Dataset` to train on instead of loading
         ``config.dataset`` (its ``name`` becomes the config's ``dataset``).
+      devices: data parallelism (:mod:`fnbackprop.parallel`). ``None``: one device. ``"all"``:
+        every device JAX sees (every process's, after :func:`fnbackprop.parallel.
+        initialize_distributed`); an int k: the first k devices; a sequence of devices; or a
+        one-axis ``jax.sharding.Mesh``. Parameters, optimizer state and keys are replicated,
+        each global batch is split over the devices, and the result equals a one-device run
+        to float rounding (same data order, same steps).
+      parallel: ``"sharding"`` (one ``jit`` partitioned by XLA over a data mesh; any batch
+        size: a batch the device count does not divide is split unevenly by XLA, exactly) or
+        ``"pmap"`` (``lax.pmean`` of the per-device hand-derived gradients; the batch size
+        must be divisible by the device count, else ``ValueError``; the epoch's last partial
+        batch is computed whole on every device; dropout masks and augmentation are drawn per
+        device, so with those a pmap run is statistically, not bitwise, equal).
       **overrides: :class:`TrainConfig` fields.
 
     Returns:
@@ -917,11 +1016,18 @@ def train(
     """
     config = _make_config(config, overrides, data)
     _check_x64(config)
-    _check_out(out, resume)
+    device_list = _resolve_devices(devices, parallel)
+    primary = jax.process_index() == 0  # process 0 writes metrics, summary and plots
+    if primary:
+        _check_out(out, resume)
     ds = data if data is not None else data_lib.load_dataset(
         config.dataset, seed=config.seed, target=config.target)
     prep = _prepare(config, ds)
     net, dtype = prep.net, prep.dtype
+    n_dev = len(device_list)
+    if parallel == "pmap" and n_dev > 1:
+        parallel_lib.check_divisible(prep.batch, n_dev)
+    mesh = parallel_lib.data_mesh(device_list) if (n_dev > 1 and parallel == "sharding") else None
     task = prep.ds.task
     total_steps = config.epochs * prep.steps_per_epoch
     tx = _optimizer(config, total_steps)
@@ -937,6 +1043,9 @@ def train(
         eval_sets.append(("val", put(prep.val[0], dtype), put(prep.val[1], y_dtype)))
     eval_sets.append(("test", put(prep.ds.x_test, dtype), put(prep.ds.y_test, y_dtype)))
     sets_arg = tuple((x, y) for _, x, y in eval_sets)
+    if mesh is not None:
+        state = parallel_lib.replicate(mesh, state)
+        x_tr, y_tr, sets_arg = parallel_lib.replicate(mesh, (x_tr, y_tr, sets_arg))
     metric_name = "accuracy" if task == "classification" else "r2"
     n_train = int(prep.ds.x_train.shape[0])
 
@@ -952,7 +1061,8 @@ def train(
     resumed_from = None
     store = None
     if out is not None:
-        os.makedirs(out, exist_ok=True)
+        if primary:
+            os.makedirs(out, exist_ok=True)
         ckpt_dir = os.path.join(out, "checkpoints")
         if config.checkpoint_every > 0 or (resume and os.path.isdir(ckpt_dir)):
             from fnbackprop.checkpoint import CheckpointStore
@@ -964,6 +1074,8 @@ def train(
             restored = _restore(store, cfg_dict, _ckpt_tree(state, best_params, prep.val))
             tree, meta, resumed_from = restored
             state = tree["state"]
+            if mesh is not None:
+                state = parallel_lib.replicate(mesh, state)
             best_params = tree["best_params"] if prep.val is not None else state.params
             history = list(meta["history"])
             start_epoch = int(meta["epoch"])
@@ -979,8 +1091,14 @@ def train(
         # Compile ahead of time: the epoch and the evaluation.
         t0 = time.perf_counter()
         if start_epoch < config.epochs and not stopped:
-            epoch_exe = _epoch_jit.lower(state, epoch_permutation(config.seed, 0, n_train), x_tr,
-                                         y_tr, spec=_epoch_spec(prep)).compile()
+            spec = _epoch_spec(prep)._replace(
+                mesh=mesh, pmap_devices=n_dev if (parallel == "pmap" and n_dev > 1) else 0)
+            perm0 = _put_perm(mesh, epoch_permutation(config.seed, 0, n_train))
+            if spec.pmap_devices:
+                local = [d for d in device_list if d.process_index == jax.process_index()]
+                epoch_exe = _PmapEpoch(spec, local, (state, perm0, x_tr, y_tr))
+            else:
+                epoch_exe = _epoch_jit.lower(state, perm0, x_tr, y_tr, spec=spec).compile()
         eval_exe = _eval_jit.lower(state.params, sets_arg, net=net, task=task).compile()
         compile_time = time.perf_counter() - t0
 
@@ -1001,7 +1119,7 @@ def train(
         while epoch < config.epochs and not stopped:
             last_good = state.params
             t0 = time.perf_counter()
-            perm = epoch_permutation(config.seed, epoch, n_train)
+            perm = _put_perm(mesh, epoch_permutation(config.seed, epoch, n_train))
             state, stats = epoch_exe(state, perm, x_tr, y_tr)
             stats = jax.device_get(stats)
             jax.block_until_ready(state)
@@ -1055,7 +1173,7 @@ def train(
                 now = time.perf_counter()
                 saving = store is not None and (epoch % config.checkpoint_every == 0
                                                 or epoch >= config.epochs or stopped)
-                if saving or now - last_write >= 1.0:  # live metrics, at most once a second
+                if primary and (saving or now - last_write >= 1.0):  # live, ≤ once a second
                     _write_history(out, history)
                     last_write = now
                 if saving:
@@ -1106,7 +1224,11 @@ def train(
         "batch_size": prep.batch,
         "steps_per_epoch": prep.steps_per_epoch,
         "resumed_from_epoch": resumed_from,
-        "devices": _device_names(),
+        "devices": n_dev,
+        "device_kinds": sorted({f"{d.platform}:{getattr(d, 'device_kind', '?')}"
+                                for d in device_list}),
+        "parallel": parallel if n_dev > 1 else None,
+        "processes": jax.process_count(),
         "jax_version": jax.__version__,
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": cfg_dict,
@@ -1115,7 +1237,7 @@ def train(
         summary[f"val_{metric_name}"] = by_name["val"][1]
         summary["val_loss"] = by_name["val"][0]
     summary = _clean(summary)
-    if out is not None:
+    if out is not None and primary:
         _write_history(out, history)
         _write_atomic(os.path.join(out, "summary.json"), json.dumps(summary, indent=2) + "\n")
         from fnbackprop.diagnostics import plot_history

@@ -312,17 +312,17 @@ def _add_train(sub) -> None:
         "and its own --process-id I, and the same --out on a shared folder; process 0 writes "
         "the outputs.")
     g.add_argument("--data-parallel", action="store_true", default=False,
-                   help="use every device JAX sees (default: one device)")
+                   help="use every device JAX sees (default: off, one device)")
     g.add_argument("--parallel", choices=("sharding", "pmap"), default="sharding",
                    help="sharding: one jit partitioned over a device mesh (any batch size); "
                    "pmap: lax.pmean of per-device gradients (batch size divisible by the "
-                   "device count)")
+                   "device count) (default: sharding)")
     g.add_argument("--coordinator", metavar="HOST:PORT", default=None,
                    help="join a multi-process run through jax.distributed (default: none)")
     g.add_argument("--num-processes", type=positive_int("--num-processes"), default=None,
-                   metavar="N", help="number of processes of a multi-process run")
+                   metavar="N", help="number of processes of a multi-process run (default: none)")
     g.add_argument("--process-id", type=positive_int("--process-id", allow_zero=True),
-                   default=None, metavar="I", help="this process's index in [0, N)")
+                   default=None, metavar="I", help="this process's index in [0, N) (default: none)")
     p.set_defaults(func=_cmd_train)
 
 

@@ -6,8 +6,8 @@
 #      tests compare in float64 and TF32 matmuls cannot hide anything)     -> tests.txt
 #   3. scripts/bench_backward.py --json                                     -> bench_backward.json
 #   4. scripts/bench_per_example.py --gpu --json --markdown                 -> bench_per_example.json
-#   5. [placeholder] the multi-device benchmark                             -> multi_device.json
-#   6. [placeholder] the experiments                                        -> experiments.json
+#   5. the multi-device benchmark (scripts/bench_parallel.py)                -> multi_device.json
+#   6. the per-example cost experiment at full size                         -> experiments.json
 #   and results.md: the stage table and every Markdown table, for the README.
 #
 # Usage: scripts/gpu_check.sh [RESULTS_DIR]
@@ -150,16 +150,15 @@ stage bench_per_example "${PER_EXAMPLE_TIMEOUT:-120}" bench_per_example.json -- 
   "$PY" scripts/bench_per_example.py --gpu --json "$RESULTS/bench_per_example.json" \
   --markdown "$SCRATCH/bench_per_example.md"
 
-# --- 5. MULTI-DEVICE BENCHMARK: PLACEHOLDER (to be added by the multi-device issue) -----------
-# Add one `stage` call here, e.g.
-#   stage multi_device "${MULTI_TIMEOUT:-45}" multi_device.json -- \
-#     "$PY" scripts/bench_parallel.py --json "$RESULTS/multi_device.json" --markdown "$SCRATCH/multi_device.md"
-# (one GPU: it can only show the single-device path and the sharding overhead.)
+# --- 5. multi-device benchmark (steps/s vs number of devices; 1 GPU: the 1-device row only) ---
+stage multi_device "${MULTI_TIMEOUT:-60}" multi_device.json -- \
+  "$PY" scripts/bench_parallel.py --dataset mnist1d --hidden 1024,1024 --batch-size 1024 \
+  --epochs 5 --json "$RESULTS/multi_device.json"
 
-# --- 6. EXPERIMENTS: PLACEHOLDER (to be added by the experiments issue) -----------------------
-# Add one `stage` call here, e.g.
-#   stage experiments "${EXPERIMENTS_TIMEOUT:-60}" experiments.json -- \
-#     "$PY" -m experiments ... --json "$RESULTS/experiments.json" --markdown "$SCRATCH/experiments.md"
+# --- 6. experiments at full size: the per-example cost curve (the GPU-specific one) ----------
+stage experiments "${EXPERIMENTS_TIMEOUT:-120}" experiments.json -- \
+  bash -c '"$0" experiments/per_example_cost.py --out "$1/per_example_cost" && cp "$1/per_example_cost/results.json" "$2/experiments.json" && cp "$1/per_example_cost/table.md" "$1/experiments.md"' \
+  "$PY" "$SCRATCH" "$RESULTS"
 
 # --- results.md ----------------------------------------------------------------------------
 {

@@ -74,6 +74,19 @@ def _cli(args, env_devices, timeout=240):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _two_processes(extra):
+    """Runs the CLI as 2 processes × 2 simulated CPU devices on loopback; both must succeed."""
+    port = _free_port()
+    procs = [
+        _cli(FLAGS + extra + ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                              "--process-id", str(i)], 2)
+        for i in range(2)
+    ]
+    for q in procs:
+        _, err = q.communicate(timeout=240)
+        assert q.returncode == 0, err
+
+
 FLAGS = ["--dataset", "digits", "--hidden", "32", "--epochs", "3", "--batch-size", "64",
          "--dropout", "0", "--lr", "0.001", "--per-example-clip", "1.0", "--quiet"]
 
@@ -84,16 +97,8 @@ def test_two_processes_times_two_devices_equal_one_device(tmp_path):
     assert p.returncode == 0, err
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
 
-    port = _free_port()
     multi_out = str(tmp_path / "multi")
-    procs = [
-        _cli(FLAGS + ["--out", multi_out, "--coordinator", f"127.0.0.1:{port}",
-                      "--num-processes", "2", "--process-id", str(i)], 2)
-        for i in range(2)
-    ]
-    for q in procs:
-        _, err = q.communicate(timeout=240)
-        assert q.returncode == 0, err
+    _two_processes(["--out", multi_out])
     multi = json.loads((tmp_path / "multi" / "summary.json").read_text())
     assert multi["devices"] == 4 and multi["processes"] == 2
     assert abs(multi["final_train_loss"] - one["final_train_loss"]) <= 1e-4 * one["final_train_loss"]
@@ -101,15 +106,7 @@ def test_two_processes_times_two_devices_equal_one_device(tmp_path):
     assert os.path.isdir(os.path.join(multi_out, "checkpoints"))
 
     # --resume works across processes: the finished run is restored, not retrained.
-    port = _free_port()
-    procs = [
-        _cli(FLAGS + ["--out", multi_out, "--resume", "--coordinator", f"127.0.0.1:{port}",
-                      "--num-processes", "2", "--process-id", str(i)], 2)
-        for i in range(2)
-    ]
-    for q in procs:
-        _, err = q.communicate(timeout=240)
-        assert q.returncode == 0, err
+    _two_processes(["--out", multi_out, "--resume"])
     again = json.loads((tmp_path / "multi" / "summary.json").read_text())
     assert again["params_sha256"] == multi["params_sha256"]
     assert again["resumed_from_epoch"] == 3

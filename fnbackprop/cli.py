@@ -410,7 +410,8 @@ def _cmd_train(args) -> int:
     from fnbackprop import training
 
     try:
-        ds = data_lib.load_dataset(config.dataset, seed=config.seed, target=config.target)
+        ds = data_lib.load_dataset(config.dataset, seed=training.TEST_SPLIT_SEED,
+                                   target=config.target)
         if args.resume:
             training.check_resume(config, out, data=ds)
     except ValueError as e:  # DataError, CheckpointError, a bad setting for this data

@@ -118,6 +118,7 @@ __all__ = [
     "GRADIENTS",
     "DTYPES",
     "DATASET_DEFAULTS",
+    "TEST_SPLIT_SEED",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "nesterov", "adam", "rmsprop")
@@ -126,6 +127,9 @@ GRADIENTS: tuple[str, ...] = ("manual", "autodiff")
 DTYPES: tuple[str, ...] = ("float32", "float64")
 MOMENTUM = 0.9
 """Momentum of the ``momentum`` and ``nesterov`` optimisers."""
+TEST_SPLIT_SEED = 0
+"""Seed of the train/test split of a user's own file: fixed, so that runs with different
+``seed`` values are evaluated on the same test set (bundled datasets have fixed splits anyway)."""
 
 _DEFAULTED_FIELDS: tuple[str, ...] = (
     "hidden", "activation", "init", "optimizer", "lr", "batch_size", "epochs",
@@ -933,7 +937,7 @@ def check_first_batch(config: TrainConfig | None = None, *, data=None, max_fd_pe
     config = _make_config(config, overrides, data)
     _check_x64(config)
     ds = data if data is not None else data_lib.load_dataset(
-        config.dataset, seed=config.seed, target=config.target)
+        config.dataset, seed=TEST_SPLIT_SEED, target=config.target)
     prep = _prepare(config, ds)
     net = prep.net
     k_init, _, k_steps = _keys(config.seed)
@@ -1021,7 +1025,7 @@ def train(
     if primary:
         _check_out(out, resume)
     ds = data if data is not None else data_lib.load_dataset(
-        config.dataset, seed=config.seed, target=config.target)
+        config.dataset, seed=TEST_SPLIT_SEED, target=config.target)
     prep = _prepare(config, ds)
     net, dtype = prep.net, prep.dtype
     n_dev = len(device_list)

@@ -33,7 +33,7 @@ from fnbackprop.network import (
     forward_trace,
 )
 
-__all__ = ["Backward", "backward", "manual_grad", "autodiff_grad"]
+__all__ = ["Backward", "backward", "manual_grad", "autodiff_grad", "grads_from_backward"]
 
 
 class Backward(NamedTuple):
@@ -122,9 +122,30 @@ def manual_grad(
     """
     check_regularisation(l1, l2)
     bw = _backward(net, params, x, y, dropout, key, mean=True)  # δ of the batch mean
+    return grads_from_backward(params, bw, l1=l1, l2=l2)
+
+
+def grads_from_backward(
+    params: Params, bw: Backward, *, scale: float | None = None, l1: float = 0.0, l2: float = 0.0
+) -> Params:
+    """The parameter gradient from a backward pass: ``∂W^l = a^{l−1 ᵀ} (s·δ^l) + l1 sign(W) + l2 W``,
+    ``∂b^l = Σ_batch s·δ^l``.
+
+    Args:
+      params: the parameters (for the penalty term).
+      bw: a :class:`Backward`.
+      scale: ``s``; ``None`` for 1. With the per-example deltas of :func:`backward`, ``1/B``
+        gives :func:`manual_grad` (e.g. for a training step that also needs those deltas).
+      l1, l2: penalty strengths; the term is left out when both are concrete zeros.
+
+    Returns:
+      A pytree like ``params``.
+    """
     penalised = not (_is_concrete_zero(l1) and _is_concrete_zero(l2))
     grads = []
     for p, a_prev, delta in zip(params, bw.trace.a[:-1], bw.delta):
+        if scale is not None:
+            delta = delta * jnp.asarray(scale, delta.dtype)
         dw = a_prev.T @ delta
         if penalised:
             dw = dw + penalty_grad(p["w"], l1, l2)

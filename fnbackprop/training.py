@@ -96,7 +96,7 @@ import optax
 from fnbackprop import data as data_lib
 from fnbackprop import parallel as parallel_lib
 from fnbackprop.activations import HIDDEN_ACTIVATIONS
-from fnbackprop.backprop import autodiff_grad, backward, manual_grad
+from fnbackprop.backprop import autodiff_grad, backward, grads_from_backward, manual_grad
 from fnbackprop.diagnostics import delta_norm_sums
 from fnbackprop.gradcheck import GradCheckReport, check_gradients
 from fnbackprop.losses import penalty, penalty_grad, per_example_loss, prepare_targets
@@ -531,32 +531,11 @@ def _init_state(prep: _Prepared, tx) -> TrainState:
 # The step and the epoch
 
 
-def _manual_grad_from(params: Params, bw, l1: float, l2: float) -> Params:
-    """:func:`fnbackprop.manual_grad`'s formula on an existing backward pass ``bw``.
-
-    ``∂L/∂W^l = a^{l−1 ᵀ} (δ^l / B) + l1 sign(W) + l2 W`` and ``∂L/∂b^l = Σ_i δ_i^l / B`` from the
-    per-example deltas of :func:`fnbackprop.backward`: the training step needs those deltas for
-    its diagnostics anyway, so one backward pass serves both. Equal to ``fnbackprop.manual_grad``
-    up to rounding (it scales δ^L by 1/B before the recursion instead of each δ^l after it).
-    """
-    delta0 = bw.delta[0]
-    inv_b = jnp.asarray(1.0 / delta0.shape[0], delta0.dtype)
-    penalised = bool(l1) or bool(l2)
-    grads = []
-    for p, a_prev, delta in zip(params, bw.trace.a[:-1], bw.delta):
-        delta = delta * inv_b
-        dw = a_prev.T @ delta
-        if penalised:
-            dw = dw + penalty_grad(p["w"], l1, l2)
-        grads.append({"w": dw, "b": jnp.sum(delta, axis=0)})
-    return grads
-
-
 def _make_grad_fn(net: MLP, config: TrainConfig):
     """``(params, x, y, key) -> (objective, grads, Σ_i ‖δ_i^l‖)`` of one batch.
 
-    The gradient is the hand-derived one (:func:`_manual_grad_from` on the step's
-    :func:`fnbackprop.backward` pass), :func:`fnbackprop.autodiff_grad`, or
+    The gradient is the hand-derived one (:func:`fnbackprop.backprop.grads_from_backward` on
+    the step's :func:`fnbackprop.backward` pass), :func:`fnbackprop.autodiff_grad`, or
     :func:`fnbackprop.clipped_grad` plus the penalty's gradient.
     """
     l1, l2, rate = config.l1, config.l2, config.dropout
@@ -583,7 +562,7 @@ def _make_grad_fn(net: MLP, config: TrainConfig):
         elif config.gradient == "autodiff":
             g = autodiff_grad(net, params, x, y, l1=l1, l2=l2, dropout=rate, key=drop_key)
         else:
-            g = _manual_grad_from(params, bw, l1, l2)
+            g = grads_from_backward(params, bw, scale=1.0 / x.shape[0], l1=l1, l2=l2)
         return objective, g, delta_norm_sums(bw.delta)
 
     return grad_fn

@@ -13,7 +13,8 @@ Public API::
 """
 
 from fnbackprop.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
-from fnbackprop.backprop import Backward, autodiff_grad, backward, manual_grad
+from fnbackprop import parallel
+from fnbackprop.backprop import Backward, autodiff_grad, backward, grads_from_backward, manual_grad
 from fnbackprop.data import DATASETS, DataError, Dataset, load_dataset
 from fnbackprop.gradcheck import GradCheckReport, GradCheckRow, check_gradients
 from fnbackprop.losses import loss
@@ -61,4 +62,6 @@ __all__ = [
     "TrainResult",
     "default_config",
     "train",
+    "grads_from_backward",
+    "parallel",
 ]

@@ -332,7 +332,7 @@ def save_figure(fig, out: Path, filename: str, dpi: int = 80) -> str:
 
 # --- driver ---------------------------------------------------------------------------------
 def build_parser(name: str, title: str) -> argparse.ArgumentParser:
-    from fnbackprop.cli import _Parser
+    from fnbackprop.cli.args import Parser as _Parser
 
     p = _Parser(prog=f"experiments/{name}.py", description=title)
     size = p.add_mutually_exclusive_group()

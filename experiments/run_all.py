@@ -41,7 +41,7 @@ EXPERIMENTS = (
 
 def build_parser():
     import _common  # noqa: F401  (puts the checkout on sys.path)
-    from fnbackprop.cli import _Parser
+    from fnbackprop.cli.args import Parser as _Parser
 
     p = _Parser(prog="experiments/run_all.py", description="Run every experiment.")
     size = p.add_mutually_exclusive_group()

@@ -46,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fnbackprop as fb  # noqa: E402
-from fnbackprop.cli import UsageError, parse_int_list, positive_float, positive_int  # noqa: E402
+from fnbackprop.cli.args import UsageError, parse_int_list, positive_float, positive_int  # noqa: E402
 
 CPU_PRESET = [((784, 512, 512, 10), 256, True)]
 GPU_PRESET = [

@@ -90,7 +90,7 @@ def test_help_documents_every_flag_with_its_default(capsys):
             blocks[current] = line
         elif current:
             blocks[current] += " " + line.strip()
-    flags = {f"--{f.replace('_', '-')}" for f in cli._TRAIN_FIELDS} | {"--out", "--resume",
+    flags = {f"--{f.replace('_', '-')}" for f in cli.TRAIN_FIELDS} | {"--out", "--resume",
                                                                        "--quiet"}
     assert flags <= set(blocks) | {"--augment"} and "--augment" in text
     for flag, block in blocks.items():

@@ -48,7 +48,7 @@ Non-finite steps
 
 Regularisation
   ``l1``, ``l2``, ``dropout`` (through the gradient functions' keywords; a fresh dropout key per
-  step), ``augment`` (:func:`fnbackprop.data.augment` inside the step: shifts and noise for
+  step), ``augment`` (:func:`fnbackprop.training.augmentation.augment` inside the step: shifts and noise for
   mnist1d/digits, Gaussian noise for tabular data), and ``early_stopping=PATIENCE``: a
   validation split of ``val_fraction`` of the training set (carved only when early stopping is
   on) is evaluated after every epoch; training stops after PATIENCE epochs without a lower
@@ -102,6 +102,7 @@ from fnbackprop.gradcheck import GradCheckReport, check_gradients
 from fnbackprop.losses import penalty, penalty_grad, per_example_loss, prepare_targets
 from fnbackprop.network import INIT_SCHEMES, MLP, Params, forward_trace, init
 from fnbackprop.per_example import clipped_grad
+from fnbackprop.training.augmentation import augment
 
 __all__ = [
     "TrainConfig",
@@ -223,7 +224,7 @@ class TrainConfig:
       noise_multiplier: DP-SGD noise σ ≥ 0 (needs ``per_example_clip``).
       early_stopping: patience in epochs (needs ``val_fraction > 0``); ``None``: off.
       val_fraction: fraction of the training set held out for validation when early stopping.
-      augment: perturb each training batch (:func:`fnbackprop.data.augment`).
+      augment: perturb each training batch (:func:`fnbackprop.training.augmentation.augment`).
       gradient: ``"manual"`` (hand-derived δ recursion) or ``"autodiff"`` (``jax.grad``).
       seed: integer in [0, 2³²): initialisation, shuffling, dropout, augmentation, validation
         split.
@@ -632,7 +633,7 @@ def _make_epoch_fn(spec: _EpochSpec, tx):
         if spec.mesh is not None and sharded:
             x, y = rows(x), rows(y)
         if kind != "none":
-            x = data_lib.augment(k_aug if shard is None else jax.random.fold_in(k_aug, shard),
+            x = augment(k_aug if shard is None else jax.random.fold_in(k_aug, shard),
                                  x, kind, image_shape)
         if local:
             objective, grads, dsum = shard_grad_fn(state.params, x, y, k_grad, shard)

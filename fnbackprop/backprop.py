@@ -57,6 +57,7 @@ def backward(
     *,
     dropout: float = 0.0,
     key: jax.Array | None = None,
+    weights: jax.Array | None = None,
 ) -> Backward:
     """Forward pass, then the δ recursion from the output layer down to layer 1.
 
@@ -71,10 +72,10 @@ def backward(
     Returns:
       A :class:`Backward` with per-example deltas.
     """
-    return _backward(net, params, x, y, dropout, key, mean=False)
+    return _backward(net, params, x, y, dropout, key, mean=False, weights=weights)
 
 
-def _backward(net, params, x, y, dropout, key, *, mean: bool) -> Backward:
+def _backward(net, params, x, y, dropout, key, *, mean: bool, weights=None) -> Backward:
     """:func:`backward`; with ``mean=True`` the deltas of the batch mean (per-example / B).
 
     The recursion is linear in δ, so scaling δ^L by 1/B once scales every δ^l: cheaper than
@@ -90,6 +91,8 @@ def _backward(net, params, x, y, dropout, key, *, mean: bool) -> Backward:
     delta = output_delta(net, trace.z[-1], trace.a[-1], y)
     if mean:
         delta = delta * jnp.asarray(1.0 / x.shape[0], dtype)
+    if weights is not None:
+        delta = delta * jnp.asarray(weights, dtype)[:, None]
     deltas = [delta]
     for l in range(net.num_layers - 1, 0, -1):  # hidden layers L-1 .. 1
         g = delta @ params[l]["w"].T  # ∂/∂a^l: (B, n_{l+1}) @ (n_{l+1}, n_l)

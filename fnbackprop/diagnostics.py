@@ -8,7 +8,7 @@ Two per-layer quantities show how the error signal travels backwards through the
   backward pass (:func:`fnbackprop.backward`), averaged over the examples.
 
 Vanishing gradients show up as norms that shrink from layer L down to layer 1, exploding ones as
-norms that grow. Both are cheap: O(Σ_l n_{l−1} n_l) and O(B Σ_l n_l) on top of the step.
+norms that grow. 
 """
 
 from __future__ import annotations
@@ -45,13 +45,14 @@ def delta_norm_sums(delta: Sequence[jax.Array]) -> jax.Array:
     however the batches are sized.
 
     Args:
-      delta: per-example deltas ``δ^1 .. δ^L``, each ``(B, n_l)`` (as in
-        :attr:`fnbackprop.Backward.delta`).
+      delta: per-example deltas ``δ^1 .. δ^L``, each ``(B, ...)`` (as in
+        :attr:`fnbackprop.Backward.delta`); ``δ_i^l`` is row i with all its other axes.
 
     Returns:
       ``(L,)``: entry l − 1 is ``Σ_i ‖δ_i^l‖``.
     """
-    return jnp.stack([jnp.sum(jnp.sqrt(jnp.sum(d * d, axis=1))) for d in delta])
+    return jnp.stack([jnp.sum(jnp.sqrt(jnp.sum(d * d, axis=tuple(range(1, d.ndim)))))
+                      for d in delta])
 
 
 def _atomic_savefig(fig, path: str) -> None:

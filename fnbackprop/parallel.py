@@ -4,21 +4,21 @@ What is replicated and what is sharded:
 
 * parameters, optimizer state and PRNG keys are **replicated** on every device;
 * every global batch ``(B, ...)`` is **sharded** along its batch axis over the mesh axis
-  :data:`DATA_AXIS`: device d of D holds rows ``[d·B/D, (d+1)·B/D)``. Across processes, process
-  p holds the rows of its local devices and feeds only those (its share of the global batch).
+  :data:`DATA_AXIS`. Across processes, each process feeds the rows of its own devices.
 
-The gradient of the batch-mean loss is the mean of the shard gradients, so
+The batch gradient is a sum over examples, so a gradient computed on shards only needs the
+shards' sums added up. One path per mode, each a transformation of a function whose outputs are
+sums over the batch rows it is given (the training step and the tests use these same two):
 
-* with ``jax.sharding`` one ``jit`` of the unchanged single-device step is partitioned by XLA
-  (the batch contraction ``a^{l−1 ᵀ} δ^l`` becomes a local matmul plus an all-reduce);
-* with ``pmap`` each device runs :func:`fnbackprop.manual_grad` on its shard and
-  ``lax.pmean`` averages the results.
+* :func:`sharded` (``jax.sharding``): inside one ``jit``, the batch arguments are constrained to
+  be split over the mesh and XLA partitions the unchanged computation (the batch contraction
+  ``a^{l−1 ᵀ} δ^l`` becomes a local matmul plus an all-reduce). Any batch size: one the device
+  count does not divide is split unevenly by XLA, exactly.
+* :func:`summed_over_devices` (``pmap``): each device runs the function on its own shard and
+  ``lax.psum`` adds the results. The shards must have equal sizes (see :func:`check_divisible`).
 
 Per-example clipping is exact under both: each example's norm involves only that example's
 activations and deltas, which live on one device.
-
-A global batch size that the device count does not divide is refused with a ``ValueError``
-naming both numbers (no padding or masking across devices).
 """
 
 from __future__ import annotations
@@ -39,11 +39,9 @@ __all__ = [
     "batch_sharding",
     "replicated_sharding",
     "check_divisible",
-    "shard_batch",
     "replicate",
-    "pmap_grad",
-    "sharded_grad",
-    "stack_for_pmap",
+    "sharded",
+    "summed_over_devices",
     "initialize_distributed",
 ]
 
@@ -59,11 +57,9 @@ def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.asarray(devices, dtype=object), (DATA_AXIS,))
 
 
-def batch_sharding(mesh: Mesh, axis: int = 0, ndim: int = 2) -> NamedSharding:
-    """Sharding that splits array axis ``axis`` (of an ``ndim``-dim array) over the data axis."""
-    spec = [None] * ndim
-    spec[axis] = DATA_AXIS
-    return NamedSharding(mesh, PartitionSpec(*spec))
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Sharding that splits the leading (batch) axis of an ``ndim``-dim array over the data axis."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS, *([None] * (ndim - 1))))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
@@ -72,7 +68,7 @@ def replicated_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def check_divisible(batch_size: int, num_devices: int) -> None:
-    """Raises ``ValueError`` unless ``num_devices`` divides ``batch_size``."""
+    """Raises ``ValueError`` unless ``num_devices`` divides ``batch_size`` (pmap's shards)."""
     if num_devices < 1 or batch_size % num_devices:
         raise ValueError(
             f"global batch size {batch_size} is not divisible by the number of devices "
@@ -80,23 +76,8 @@ def check_divisible(batch_size: int, num_devices: int) -> None:
         )
 
 
-def shard_batch(mesh: Mesh, x: Any, axis: int = 0) -> jax.Array:
-    """Puts a global batch on ``mesh``, split along ``axis``.
-
-    ``x`` is the *global* array (every process passes the same global array, e.g. indexed from
-    the same dataset with the same permutation); each process only transfers the rows of its own
-    devices, so every process feeds its share of the batch.
-    """
-    x = np.asarray(x)
-    check_divisible(x.shape[axis], mesh.devices.size)
-    sharding = batch_sharding(mesh, axis, x.ndim)
-    if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
 def replicate(mesh: Mesh, tree: Any) -> Any:
-    """Copies every leaf of ``tree`` to every device of ``mesh``."""
+    """Copies every leaf of ``tree`` to every device of ``mesh`` (also across processes)."""
     sharding = replicated_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(tree, sharding)
@@ -111,44 +92,39 @@ def replicate(mesh: Mesh, tree: Any) -> Any:
     return jax.tree.map(one, tree)
 
 
-def sharded_grad(grad_fn: Callable, mesh: Mesh, *, static_argnums=(0,)) -> Callable:
-    """``jax.jit`` of ``grad_fn(net, params, x, y, ...)`` with x, y sharded and params replicated.
+def sharded(fn: Callable, mesh: Mesh, *, batch_argnums: Sequence[int] = (1, 2)) -> Callable:
+    """``fn`` with its batch arguments split over ``mesh`` and its outputs replicated.
 
-    The returned function accepts ``(net, params, x, y, **kwargs)`` where ``x, y`` are already
-    sharded (see :func:`shard_batch`) and ``params`` replicated (see :func:`replicate`); its
-    output gradients are replicated.
-    """
-    out_sharding = replicated_sharding(mesh)
-    return jax.jit(grad_fn, static_argnums=static_argnums, out_shardings=out_sharding)
-
-
-def pmap_grad(grad_fn: Callable, net: Any, *, axis_name: str = DATA_AXIS,
-              devices: Sequence[jax.Device] | None = None, **grad_kwargs) -> Callable:
-    """A ``pmap``-ed gradient: per-device ``grad_fn`` on its shard, then ``lax.pmean``.
-
-    Args:
-      grad_fn: e.g. :func:`fnbackprop.manual_grad`; called as
-        ``grad_fn(net, params, x_shard, y_shard, **grad_kwargs)``.
-      net: the (static) network.
-      axis_name: the pmap axis name.
-      devices: the local devices to map over (default all local devices).
-      grad_kwargs: static keywords for ``grad_fn`` (``l1``, ``l2``, ...).
-
-    Returns:
-      ``f(params, x, y)`` with ``x`` of shape ``(D, B/D, ...)``, ``params`` stacked with a
-      leading device axis (see :func:`stack_for_pmap`); returns per-device copies of the mean
-      gradient. Equal shard sizes make the mean of shard means the global mean.
+    For use inside ``jax.jit``: the arguments at ``batch_argnums`` (every leaf, along its leading
+    axis) are constrained to :func:`batch_sharding`, the outputs to :func:`replicated_sharding`;
+    XLA partitions ``fn`` accordingly and adds the collectives. The result equals ``fn`` on one
+    device.
     """
 
-    def per_device(params, x, y):
-        return jax.lax.pmean(grad_fn(net, params, x, y, **grad_kwargs), axis_name)
+    def wrapped(*args, **kwargs):
+        args = list(args)
+        for i in batch_argnums:
+            args[i] = jax.tree.map(
+                lambda v: jax.lax.with_sharding_constraint(v, batch_sharding(mesh, v.ndim)),
+                args[i])
+        out = fn(*args, **kwargs)
+        return jax.lax.with_sharding_constraint(out, replicated_sharding(mesh))
 
-    return jax.pmap(per_device, axis_name=axis_name, devices=devices)
+    return wrapped
 
 
-def stack_for_pmap(tree: Any, num_devices: int) -> Any:
-    """Gives every leaf a leading axis of ``num_devices`` identical copies (pmap's replication)."""
-    return jax.tree.map(lambda v: jnp.broadcast_to(v, (num_devices,) + jnp.shape(v)), tree)
+def summed_over_devices(fn: Callable, axis_name: str = DATA_AXIS) -> Callable:
+    """``lax.psum`` of ``fn``'s outputs over the pmap axis ``axis_name``.
+
+    For use inside ``jax.pmap(..., axis_name=axis_name)`` where each device holds its own shard
+    of the batch: when ``fn`` returns sums over the rows it is given (e.g. the gradient of
+    ``Σ_i w_i ℓ_i``), the result is the sum over the whole global batch, on every device.
+    """
+
+    def wrapped(*args, **kwargs):
+        return jax.lax.psum(fn(*args, **kwargs), axis_name)
+
+    return wrapped
 
 
 def initialize_distributed(coordinator: str, num_processes: int, process_id: int) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "per_example_grad_norms",
     "clipped_grad",
     "clipped_grad_and_norms",
+    "clipped_grads_from_backward",
 ]
 
 PER_EXAMPLE_METHODS: tuple[str, ...] = ("manual", "vmap")
@@ -307,3 +308,29 @@ def clipped_grad(
         per_layer=per_layer, noise_multiplier=noise_multiplier, key=key,
     )
     return grads
+
+
+def clipped_grads_from_backward(net, params, bw, clip_norm, *, per_layer=False,
+                                noise_multiplier=0.0, key=None, mask=None, normalize_by=None):
+    """Interim: the clipping maths on an existing backward pass (mask, normalize_by)."""
+    a_prev, delta = bw.trace.a[:-1], bw.delta
+    dtype = delta[0].dtype
+    batch = delta[0].shape[0]
+    m = jnp.ones((batch,), bool) if mask is None else jnp.asarray(mask, bool)
+    denom = jnp.sum(m).astype(dtype) if normalize_by is None else jnp.asarray(normalize_by, dtype)
+    sq = _norm_parts(a_prev, delta)
+    norms = jnp.sqrt(jnp.sum(sq, axis=1))
+    c = jnp.where(m & jnp.isfinite(norms), _clip_factors(norms, clip_norm), 0.0) / denom
+    grads = []
+    for a, d in zip(a_prev, delta):
+        ok = (c > 0)[:, None]
+        d = jnp.where(ok, d * c[:, None], 0.0)
+        a = jnp.where(ok, a, 0.0)
+        grads.append({"w": a.T @ d, "b": jnp.sum(d, axis=0)})
+    if key is not None:
+        std = jnp.asarray(noise_multiplier, dtype) * jnp.asarray(clip_norm, dtype) / denom
+        keys = jax.random.split(key, 2 * len(grads))
+        grads = [{"w": g["w"] + std * jax.random.normal(keys[2 * l], g["w"].shape, dtype),
+                  "b": g["b"] + std * jax.random.normal(keys[2 * l + 1], g["b"].shape, dtype)}
+                 for l, g in enumerate(grads)]
+    return grads, jnp.where(m, norms, 0.0)

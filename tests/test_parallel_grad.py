@@ -26,35 +26,48 @@ def test_eight_devices_available():
     assert jax.device_count() == 8
 
 
+def _summed_grad(net):
+    """The gradient of the summed loss of the rows given: the devices' shares add up."""
+    return lambda p, x, y: jax.tree.map(lambda g: g * x.shape[0], fb.manual_grad(net, p, x, y))
+
+
 @pytest.mark.parametrize("n_devices", [2, 8])
 def test_sharded_manual_grad_equals_single_device(n_devices):
     net, params, x, y = _problem()
     mesh = parallel.data_mesh(jax.devices()[:n_devices])
-    xs, ys = parallel.shard_batch(mesh, x), parallel.shard_batch(mesh, y)
-    assert len(xs.sharding.device_set) == n_devices
-    g = parallel.sharded_grad(fb.manual_grad, mesh)(net, parallel.replicate(mesh, params), xs, ys)
+    f = jax.jit(parallel.sharded(lambda p, x, y: fb.manual_grad(net, p, x, y), mesh))
+    g = f(parallel.replicate(mesh, params), x, y)
+    assert len(jax.tree.leaves(g)[0].sharding.device_set) == n_devices
     _assert_tree_close(g, fb.manual_grad(net, params, x, y))
     _assert_tree_close(g, fb.autodiff_grad(net, params, x, y), rtol=1e-10)
 
 
-def test_pmap_manual_grad_pmean_equals_single_device():
+def test_sharding_splits_a_batch_the_devices_do_not_divide():
+    net, params, x, y = _problem(batch=10)
+    mesh = parallel.data_mesh(jax.devices()[:8])
+    f = jax.jit(parallel.sharded(lambda p, x, y: fb.manual_grad(net, p, x, y), mesh))
+    # The whole batch is on every device (as the training set is); inside the jit each device
+    # computes on its rows of the 10: XLA splits them unevenly.
+    _assert_tree_close(f(*parallel.replicate(mesh, (params, x, y))),
+                       fb.manual_grad(net, params, x, y))
+
+
+def test_pmap_summed_gradients_equal_single_device():
     net, params, x, y = _problem(batch=24)
     d = 8
-    f = parallel.pmap_grad(fb.manual_grad, net, l2=0.01)
-    rep = parallel.stack_for_pmap(params, d)
-    g = f(rep, x.reshape(d, -1, x.shape[1]), y.reshape(d, -1))
-    g0 = jax.tree.map(lambda v: v[0], g)
-    _assert_tree_close(g0, fb.manual_grad(net, params, x, y, l2=0.01))
+    f = jax.pmap(parallel.summed_over_devices(_summed_grad(net)),
+                 axis_name=parallel.DATA_AXIS, in_axes=(None, 0, 0))
+    g = f(params, x.reshape(d, -1, x.shape[1]), y.reshape(d, -1))
+    mean = jax.tree.map(lambda v: v[0] / x.shape[0], g)  # Σ over the 24 rows → the batch mean
+    _assert_tree_close(mean, fb.manual_grad(net, params, x, y))
     # every device holds the same all-reduced gradient
     for leaf in jax.tree.leaves(g):
         np.testing.assert_array_equal(np.asarray(leaf), np.broadcast_to(np.asarray(leaf[0]), leaf.shape))
 
 
-def test_indivisible_batch_is_refused_naming_both_numbers():
-    net, params, x, y = _problem(batch=10)
-    mesh = parallel.data_mesh(jax.devices()[:8])
+def test_pmap_needs_a_divisible_batch_naming_both_numbers():
     with pytest.raises(ValueError, match=r"10.*8"):
-        parallel.shard_batch(mesh, x)
+        parallel.check_divisible(10, 8)
 
 
 @pytest.mark.parametrize("coordinator, n, i", [("localhost", 2, 0), ("h:1", 0, 0), ("h:1", 2, 2), ("h:99999", 1, 0)])

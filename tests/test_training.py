@@ -15,9 +15,12 @@ import pytest
 import fnbackprop as fb
 from fnbackprop import data as data_lib
 from fnbackprop import training as T
-from fnbackprop.checkpoint import CheckpointError
 from fnbackprop.diagnostics import delta_norm_sums, layer_grad_norms
-from fnbackprop.training import TrainConfig
+from fnbackprop.training import CheckpointError, TrainConfig
+from fnbackprop.training import config as C
+from fnbackprop.training import prepare as P
+from fnbackprop.training import step as S
+from fnbackprop.training.sampling import shuffled_batches
 
 
 def _subset(ds, n_train, n_test=None):
@@ -44,7 +47,7 @@ TINY = dict(hidden=(8,), activation="tanh", init="xavier_normal", optimizer="ada
 
 def _initial_params(net, scheme, seed=0):
     """The parameters a float32 run with ``seed`` starts from."""
-    return T._init_jit(T._keys(seed)[0], net, scheme, jnp.dtype("float32"))
+    return P._init_jit(P.run_keys(seed)[0], net, scheme, jnp.dtype("float32"))
 
 
 def _flat(params):
@@ -79,12 +82,12 @@ def test_incompatible_settings_raise():
 @pytest.mark.parametrize("name", data_lib.DATASETS)
 def test_default_config_fills_every_dataset_default(name):
     c = T.default_config(name)
-    for f in T._DEFAULTED_FIELDS:
+    for f in C.DEFAULTED_FIELDS:
         assert getattr(c, f) is not None
     for k, v in T.DATASET_DEFAULTS[name].items():
         assert getattr(c, k) == v
     # A hand-built config keeps its own values; only None fields are filled.
-    filled = T._fill_defaults(TrainConfig(dataset=name, lr=0.5))
+    filled = C.fill_defaults(TrainConfig(dataset=name, lr=0.5))
     assert filled.lr == 0.5 and filled.hidden == c.hidden and filled.dropout == 0.0
 
 
@@ -95,15 +98,22 @@ def test_default_config_generic_file_and_unknown():
 
 
 # --- the step's gradient ----------------------------------------------------------------------
-def test_step_gradient_is_manual_grad_and_objective_is_loss(spirals):
-    cfg = T._fill_defaults(TrainConfig(dataset="spirals", hidden=(6, 5), l1=1e-3, l2=1e-2,
-                                       dropout=0.3, dtype="float64"))
+@pytest.mark.parametrize("masked", [False, True])
+def test_step_gradient_is_manual_grad_and_objective_is_loss(spirals, masked):
     net = fb.MLP((2, 6, 5, 2), "relu", "softmax", "cross_entropy")
+    spec = S.StepSpec(net, S.OptimizerSpec("sgd", 0.1, "constant", 0), l1=1e-3, l2=1e-2,
+                      dropout=0.3, batch=16)
     params = fb.init(jax.random.key(0), net, dtype=jnp.float64)
     x = jnp.asarray(spirals.x_train[:16], jnp.float64)
     y = jnp.asarray(spirals.y_train[:16])
     key = jax.random.key(7)
-    objective, g, dsum = jax.jit(T._make_grad_fn(net, cfg))(params, x, y, key)
+    mask = jnp.arange(16) < 16 if masked else None  # a mask of real rows changes nothing
+
+    def step_gradient(p):
+        loss_sum, g, dsum, n = S._data_gradient(spec)(p, x, y, mask, 16.0, key)
+        return loss_sum / n + fb.losses.penalty(p, 1e-3, 1e-2), S._with_penalty(spec, p, g), dsum
+
+    objective, g, dsum = jax.jit(step_gradient)(params)
     k_drop, _ = jax.random.split(key)
     kw = dict(l1=1e-3, l2=1e-2, dropout=0.3, key=k_drop)
     ref, ref_loss, deltas = jax.jit(lambda p: (
@@ -144,16 +154,16 @@ def _accumulate():
 @pytest.mark.parametrize("batch_size", [1, 8, "full"])
 def test_epoch_gradients_add_up_to_the_full_batch_gradient(spirals, batch_size):
     ds = _subset(spirals, 50)
-    cfg = T._fill_defaults(TrainConfig(dataset="spirals", hidden=(5,), batch_size=batch_size,
+    cfg = C.fill_defaults(TrainConfig(dataset="spirals", hidden=(5,), batch_size=batch_size,
                                        dtype="float64", l2=1e-2))
-    prep = T._prepare(cfg, ds)
+    prep = P.prepare(cfg, ds, jax.devices()[:1])
     tx = _accumulate()
     params = fb.init(jax.random.key(3), prep.net, dtype=jnp.float64)
     state = T.TrainState(params, tx.init(params), jax.random.key(4))
-    x = jnp.asarray(prep.ds.x_train, jnp.float64)
-    y = jnp.asarray(prep.ds.y_train)
-    epoch = jax.jit(T._make_epoch_fn(T._epoch_spec(prep), tx))
-    out, stats = epoch(state, T.epoch_permutation(5, 0, 50), x, y)
+    x = jnp.asarray(prep.data.x_train, jnp.float64)
+    y = jnp.asarray(prep.data.y_train)
+    epoch = jax.jit(S.make_epoch(prep.spec, tx))
+    out, stats = epoch(state, *shuffled_batches(5, 0, 50, prep.batch), x, y)
     total, last, first, count = out.opt_state
     n, b = 50, prep.batch
     nb, rem = divmod(n, b)
@@ -170,8 +180,8 @@ def test_epoch_gradients_add_up_to_the_full_batch_gradient(spirals, batch_size):
             np.testing.assert_allclose(summed[l][k] / n, full[l][k], rtol=1e-11, atol=1e-14)
     # The epoch's permutation is a function of (seed, epoch): same epoch, same first batch;
     # the next epoch reshuffles (unless it is full batch).
-    again, _ = epoch(state, T.epoch_permutation(5, 0, 50), x, y)
-    nxt, _ = epoch(state, T.epoch_permutation(5, 1, 50), x, y)
+    again, _ = epoch(state, *shuffled_batches(5, 0, 50, prep.batch), x, y)
+    nxt, _ = epoch(state, *shuffled_batches(5, 1, 50, prep.batch), x, y)
     same = np.array_equal(_flat(again.opt_state[2]), _flat(first))
     differs = not np.array_equal(_flat(nxt.opt_state[2]), _flat(first))
     assert same
@@ -251,21 +261,20 @@ def test_clipping_transforms_bound_each_update(xor):
 # --- non-finite steps and divergence -----------------------------------------------------------
 def test_non_finite_steps_are_skipped_and_counted(xor):
     ds = _subset(xor, 40)
-    cfg = T._fill_defaults(TrainConfig(dataset="xor", **TINY, batch_size=10))
-    prep = T._prepare(cfg, ds)
-    tx = T._optimizer(cfg, 8)
-    state = T._init_state(prep, tx)
-    x = jnp.asarray(prep.ds.x_train).at[7, 1].set(jnp.nan)
-    y = jnp.asarray(prep.ds.y_train)
-    epoch = jax.jit(T._make_epoch_fn(T._epoch_spec(prep), tx))
+    cfg = C.fill_defaults(TrainConfig(dataset="xor", **TINY, batch_size=10))
+    prep = P.prepare(cfg, ds, jax.devices()[:1])
+    state = P.initial_state(prep)
+    x = jnp.asarray(prep.data.x_train).at[7, 1].set(jnp.nan)
+    y = jnp.asarray(prep.data.y_train)
+    epoch = jax.jit(S.make_epoch(prep.spec))
     for e in range(2):
-        state, stats = epoch(state, T.epoch_permutation(0, e, 40), x, y)
+        state, stats = epoch(state, *shuffled_batches(0, e, 40, 10), x, y)
         assert int(stats.skipped) == 1 and int(stats.ok_steps) == 3
         assert int(stats.examples) == 30
         assert np.all(np.isfinite(_flat(state.params)))
     # Every step non-finite: everything skipped, nothing moves.
     before = _flat(state.params)
-    state2, stats = epoch(state, T.epoch_permutation(0, 2, 40), jnp.full_like(x, jnp.nan), y)
+    state2, stats = epoch(state, *shuffled_batches(0, 2, 40, 10), jnp.full_like(x, jnp.nan), y)
     assert int(stats.skipped) == 4 and int(stats.ok_steps) == 0
     np.testing.assert_array_equal(_flat(state2.params), before)
 
@@ -366,8 +375,8 @@ def test_outputs_checkpoints_and_resume_equal_an_uninterrupted_run(xor, tmp_path
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l) for l in lines] == r.history
     assert json.loads((out / "summary.json").read_text()) == r.summary
-    want = dataclasses.asdict(T._make_config(None, {k: v for k, v in kw.items() if k != "data"},
-                                             None))
+    want = dataclasses.asdict(C.make_config(None, {k: v for k, v in kw.items() if k != "data"},
+                                            None))
     assert r.summary["config"] == {**want, "hidden": [8]}
     for png in ("curves.png", "gradient_flow.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -37,12 +37,12 @@ def _hidden_widths(text: str) -> tuple[int, ...]:
 
 
 def _train_epilog() -> str:
-    from fnbackprop.training import _GENERIC_DEFAULTS, DATASET_DEFAULTS
+    from fnbackprop.training.config import DATASET_DEFAULTS, GENERIC_DEFAULTS
 
     lines = ["per-dataset defaults (what a flag left out means; 'other' lists further settings):",
              f"  {'dataset':<14} {'hidden':<9} {'activation':<10} {'init':<13} {'optimizer':<9} "
              f"{'lr':<6} {'batch':<5} {'epochs':<6} other"]
-    rows = list(DATASET_DEFAULTS.items()) + [(".npz/.csv file", _GENERIC_DEFAULTS)]
+    rows = list(DATASET_DEFAULTS.items()) + [(".npz/.csv file", GENERIC_DEFAULTS)]
     main = ("hidden", "activation", "init", "optimizer", "lr", "batch_size", "epochs")
     for name, d in rows:
         hidden = ",".join(str(h) for h in d["hidden"]) or "none"
@@ -62,10 +62,10 @@ def _train_epilog() -> str:
 
 
 TRAIN_FIELDS = (
-    "dataset", "target", "hidden", "activation", "init", "optimizer", "lr", "schedule",
+    "dataset", "target", "task", "hidden", "activation", "init", "optimizer", "lr", "schedule",
     "batch_size", "epochs", "l1", "l2", "dropout", "clip_norm", "clip_value", "per_example_clip",
     "noise_multiplier", "early_stopping", "val_fraction", "augment", "gradient", "seed",
-    "checkpoint_every", "keep_checkpoints", "dtype",
+    "checkpoint_every", "checkpoint_seconds", "keep_checkpoints", "dtype",
 )
 """The ``train`` flags that map 1:1 onto :class:`fnbackprop.training.TrainConfig` fields."""
 
@@ -94,6 +94,9 @@ def add_parser(sub) -> None:
       "file (default: digits)")
     a("--target", metavar="COLUMN",
       help=".csv target column name (default: the last column)")
+    a("--task", choices=("classification", "regression"),
+      help="for a .npz/.csv file: classification or regression (default: guessed from the "
+      "targets)")
     a("--hidden", type=_hidden_widths, metavar="W1,W2,...",
       help="hidden-layer widths, e.g. 64,64; 'none' for no hidden layer (default: per dataset)")
     a("--activation", choices=HIDDEN_ACTIVATIONS,
@@ -137,7 +140,11 @@ def add_parser(sub) -> None:
       help="manual: hand-derived δ recursion; autodiff: jax.grad (default: manual)")
     a("--seed", type=positive_int("--seed", allow_zero=True), help="PRNG seed ≥ 0 (default: 0)")
     a("--checkpoint-every", type=positive_int("--checkpoint-every", allow_zero=True),
-      metavar="K", help="save a checkpoint every K epochs and at the end; 0: never (default: 1)")
+      metavar="K", help="save a checkpoint every K epochs and at the end; 0: never (default: "
+      "by wall time, see --checkpoint-seconds)")
+    a("--checkpoint-seconds", type=positive_float("--checkpoint-seconds"), metavar="S",
+      help="without --checkpoint-every: save at most once every S seconds, after the last "
+      "epoch, and when interrupted by Ctrl-C or SIGTERM (default: 60)")
     a("--keep-checkpoints", type=positive_int("--keep-checkpoints"), metavar="N",
       help="keep the newest N checkpoints (default: 3)")
     a("--dtype", choices=DTYPES, help="floating dtype (default: float32)")
@@ -253,10 +260,10 @@ def _cmd_train(args) -> int:
     devices = "all" if (args.data_parallel or args.coordinator is not None) else None
     from fnbackprop import data as data_lib
     from fnbackprop import training
+    from fnbackprop.training.prepare import load_data
 
     try:
-        ds = data_lib.load_dataset(config.dataset, seed=training.TEST_SPLIT_SEED,
-                                   target=config.target)
+        ds = load_data(config)
         if args.resume:
             training.check_resume(config, out, data=ds)
     except ValueError as e:  # DataError, CheckpointError, a bad setting for this data
@@ -271,14 +278,16 @@ def _cmd_train(args) -> int:
               f"{'passed' if report.passed else 'FAILED'}")
         if not report.passed:
             print(report)
-    from fnbackprop.checkpoint import CheckpointError
-
     try:
         result = training.train(config, out=out, resume=args.resume,
                                 progress=primary and not args.quiet and sys.stderr.isatty(),
                                 data=ds, devices=devices, parallel=args.parallel)
-    except (CheckpointError, ValueError) as e:  # raised before any training, e.g. every
-        # checkpoint unreadable, or a batch size that --parallel pmap cannot split evenly
+    except training.Interrupted as e:
+        sys.stderr.write(f"fnbackprop train: {e}; its state is saved: continue with --resume "
+                         f"--out {out}\n")
+        return 128 + e.signum
+    except ValueError as e:  # raised before any training, e.g. every checkpoint unreadable,
+        # or a batch size that --parallel pmap cannot split evenly
         raise UsageError(" ".join(str(e).split())) from None
     s = result.summary
     metric = (f"test accuracy {s['test_accuracy']:.4f}" if "test_accuracy" in s
@@ -290,7 +299,7 @@ def _cmd_train(args) -> int:
           f"epochs ({s['stop_reason']}); training {s['train_time_s']:.2f} s, compile "
           f"{s['compile_time_s']:.2f} s")
     print(f"outputs: {out}/ (summary.json, metrics.jsonl, curves.png, gradient_flow.png"
-          f"{', checkpoints/' if config.checkpoint_every else ''})")
+          f"{', checkpoints/' if config.checkpoint_every != 0 else ''})")
     if s["diverged"]:
         sys.stderr.write(f"fnbackprop train: {s['stop_reason']}\n")
         return 1

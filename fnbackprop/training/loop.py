@@ -1,0 +1,476 @@
+"""The training loop: prepare → restore → epochs → finish, with the run's state typed and whole.
+
+Every epoch maps one :class:`RunState` to the next (parameters, optimizer state and key on the
+devices; epoch counter, early-stopping state, history on the host); that state is what a
+checkpoint holds and what ``resume=True`` continues from, so a resumed run ends with the same
+parameters, bit for bit, as an uninterrupted one.
+
+Checkpoints (``out`` given): by default at most one save every ``checkpoint_seconds`` of wall
+time, plus the last epoch, plus the epoch during which SIGINT or SIGTERM arrived (the run then
+stops with :class:`Interrupted`); ``checkpoint_every=K`` saves every K epochs and the last one;
+``0`` never. The store is opened on a worker thread while the first epochs run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from fnbackprop.network import Params
+from fnbackprop.training import outputs
+from fnbackprop.training.checkpoint import CheckpointStore, open_in_background
+from fnbackprop.training.config import TrainConfig, make_config
+from fnbackprop.training.evaluation import compile_evaluate
+from fnbackprop.training.prepare import (
+    DeviceData,
+    Prepared,
+    check_x64,
+    device_data,
+    initial_state,
+    load_data,
+    prepare,
+    resolve_devices,
+)
+from fnbackprop.training.sampling import shuffled_batches
+from fnbackprop.training.step import TrainState, compile_epoch, make_schedule
+
+__all__ = ["RunState", "TrainResult", "Interrupted", "train", "check_resume"]
+
+
+class RunState(NamedTuple):
+    """Everything a run carries from one epoch to the next (what a checkpoint holds).
+
+    Attributes:
+      train: parameters, optimizer state and step key (on the devices).
+      best_params: the best epoch's parameters when early stopping (else ``None``).
+      epoch: epochs done.
+      best_loss: the lowest validation loss so far (``None``: none yet).
+      best_epoch: the epoch of ``best_params`` (0: the initial parameters).
+      bad_epochs: epochs since the validation loss last improved.
+      stop_reason: why the run stopped (``None`` while it runs).
+      diverged: whether it stopped because training diverged.
+      train_time_s: seconds spent in the epochs' training steps, over every session.
+      history: one ``metrics.jsonl`` entry per epoch.
+    """
+
+    _array_fields = ("train", "best_params")
+
+    train: TrainState
+    best_params: Params | None = None
+    epoch: int = 0
+    best_loss: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stop_reason: str | None = None
+    diverged: bool = False
+    train_time_s: float = 0.0
+    history: tuple = ()
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train` returns.
+
+    Attributes:
+      params: the final parameters (the best epoch's with early stopping; the last good ones
+        after divergence).
+      net: the trained network.
+      summary: exactly what ``summary.json`` holds.
+      history: one dict per epoch, exactly the ``metrics.jsonl`` lines.
+    """
+
+    params: list
+    net: Any
+    summary: dict
+    history: list[dict]
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after an epoch; its state was checkpointed.
+
+    Attributes:
+      signum: the signal.
+      epoch: the last epoch done.
+    """
+
+    def __init__(self, signum: int, epoch: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} after epoch {epoch}")
+        self.signum, self.epoch = signum, epoch
+
+
+class Compiled(NamedTuple):
+    """The run's compiled programs: one epoch, and the evaluation of the data sets."""
+
+    epoch: Any
+    evaluate: Any
+
+
+def train(config: TrainConfig | None = None, *, out: str | None = None, resume: bool = False,
+          progress: bool = False, data=None, devices=None, parallel: str = "sharding",
+          **overrides) -> TrainResult:
+    """Trains a network on a dataset; see :mod:`fnbackprop.training` for everything it does.
+
+    ``fb.train(dataset="digits", epochs=5, batch_size=32)`` works: keyword overrides replace
+    fields of ``config``. Without ``config`` the run starts from the dataset's recommended
+    settings (:func:`fnbackprop.default_config`, including its regularisation); a given
+    ``config`` keeps its values and only its ``None`` fields take the dataset's defaults.
+
+    Args:
+      config: the settings (default: ``default_config(dataset)``).
+      out: output folder (created if needed; must be empty unless ``resume``). ``None``: nothing
+        is written to disk and there are no checkpoints.
+      resume: continue from the newest readable checkpoint in ``out/checkpoints`` (start
+        afresh if there is none). The configuration must equal the checkpoint's.
+      progress: show a tqdm progress bar on stderr.
+      data: a :class:`fnbackprop.Dataset` to train on instead of loading ``config.dataset``
+        (its ``name`` becomes the config's ``dataset``).
+      devices: data parallelism (:mod:`fnbackprop.parallel`). ``None``: one device. ``"all"``:
+        every device JAX sees (every process's, after :func:`fnbackprop.parallel.
+        initialize_distributed`); an int k: the first k devices; a sequence of devices; or a
+        one-axis ``jax.sharding.Mesh``. The result equals a one-device run to float rounding.
+      parallel: ``"sharding"`` (one ``jit`` partitioned by XLA over a data mesh; any batch
+        size) or ``"pmap"`` (the devices' gradient sums added with ``psum``; the batch size must
+        be divisible by the device count; dropout masks and augmentation are drawn per device,
+        so with those a pmap run is statistically, not bitwise, equal).
+      **overrides: :class:`TrainConfig` fields.
+
+    Returns:
+      A :class:`TrainResult`.
+
+    Raises:
+      ValueError: a bad setting, a non-empty ``out`` without ``resume``, a checkpoint written
+        with another configuration, or bad data (:class:`fnbackprop.DataError`), all before any
+        training.
+      Interrupted: SIGINT/SIGTERM arrived; the state after the current epoch was saved.
+    """
+    config = make_config(config, overrides, data)
+    check_x64(config)
+    device_list = resolve_devices(devices, parallel)
+    primary = jax.process_index() == 0  # process 0 writes metrics, summary and plots
+    if primary:
+        _check_out(out, resume)
+    prep = prepare(config, data if data is not None else load_data(config), device_list, parallel)
+    if out is not None and primary:
+        os.makedirs(out, exist_ok=True)
+    arrays = device_data(prep)
+    run = _fresh(prep)
+    store, resumed_from = _open_store(out, resume, config), None
+    try:
+        if isinstance(store, CheckpointStore) and store.steps():
+            run, resumed_from = _restore(store, run, prep)
+        t0 = time.perf_counter()
+        compiled = _compile(run, prep, arrays)
+        compile_s = time.perf_counter() - t0
+        run = _epochs(run, prep, arrays, compiled, out, store, progress)
+    finally:
+        _close(store)
+    return _finish(run, prep, compiled, arrays, out, primary,
+                   dict(compile_time_s=compile_s, resumed_from_epoch=resumed_from))
+
+
+def _fresh(prep: Prepared) -> RunState:
+    """The state before the first epoch (early stopping: the initial parameters are the best)."""
+    state = initial_state(prep)
+    return RunState(state, best_params=state.params if prep.val is not None else None)
+
+
+def _ckpt_dir(out: str) -> str:
+    return os.path.join(out, "checkpoints")
+
+
+def _open_store(out, resume: bool, config: TrainConfig):
+    """The checkpoint store: opened now to resume from, opened in the background for the saves
+    to come (a future), or ``None`` without checkpoints."""
+    if out is None:
+        return None
+    folder = _ckpt_dir(out)
+    if resume and os.path.isdir(folder):
+        return CheckpointStore(folder, keep=config.keep_checkpoints)
+    if config.checkpoint_every == 0:
+        return None
+    if jax.process_count() > 1:  # orbax coordinates the processes: keep it on the main thread
+        return CheckpointStore(folder, keep=config.keep_checkpoints)
+    return open_in_background(folder, keep=config.keep_checkpoints)
+
+
+def _close(store) -> None:
+    if store is not None:
+        (store.result() if hasattr(store, "result") else store).close()
+
+
+def _compile(run: RunState, prep: Prepared, arrays: DeviceData) -> Compiled:
+    """The epoch and the evaluation, compiled ahead of time (so their time is measured apart)."""
+    local = [d for d in prep.devices if d.process_index == jax.process_index()]
+    n = int(prep.data.x_train.shape[0])
+    batches = _put_batches(prep, shuffled_batches(prep.config.seed, 0, n, prep.batch))
+    epoch = compile_epoch(prep.spec, (run.train, *batches, arrays.x, arrays.y), local) \
+        if run.stop_reason is None and run.epoch < prep.config.epochs else None
+    evaluate = compile_evaluate(prep.net, prep.task, run.train.params, arrays.sets)
+    return Compiled(epoch, evaluate)
+
+
+def _put_batches(prep: Prepared, batches) -> tuple:
+    """The epoch's ``(idx, mask)`` on the devices (replicated on the mesh under sharding)."""
+    from fnbackprop import parallel as parallel_lib
+
+    if prep.spec.mode == "sharding":
+        return parallel_lib.replicate(prep.spec.mesh, (batches.idx, batches.mask))
+    return batches.idx, batches.mask
+
+
+def _epochs(run: RunState, prep: Prepared, arrays: DeviceData, compiled: Compiled, out, store,
+            progress: bool) -> RunState:
+    """Runs the remaining epochs, saving as the policy says; returns the final state."""
+    config = prep.config
+    if compiled.epoch is None:
+        return run._replace(stop_reason=run.stop_reason or "finished")
+    bar = _progress_bar(config, run.epoch) if progress else None
+    last_save = last_write = time.monotonic()
+    with _SignalFlag() as signals:
+        while run.stop_reason is None:
+            run = _one_epoch(run, prep, arrays, compiled)
+            if out is not None and jax.process_index() == 0 and (
+                    time.monotonic() - last_write >= 1.0 or signals.signum is not None):
+                outputs.write_history(out, run.history)  # live, at most once a second
+                last_write = time.monotonic()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=_fmt(run.history[-1]["train_loss"]), refresh=False)
+            stopping = run.stop_reason is not None or signals.signum is not None
+            if store is not None and not run.diverged and _save_due(config, run, last_save,
+                                                                    stopping):
+                _save(store, run, prep)
+                last_save = time.monotonic()
+            if signals.signum is not None and run.stop_reason is None:
+                raise Interrupted(signals.signum, run.epoch)
+    if bar is not None:
+        bar.close()
+    return run
+
+
+def _one_epoch(run: RunState, prep: Prepared, arrays: DeviceData, compiled: Compiled) -> RunState:
+    """One epoch of training, its evaluation, and the early-stopping/divergence decision."""
+    n = int(prep.data.x_train.shape[0])
+    t0 = time.perf_counter()
+    batches = _put_batches(prep, shuffled_batches(prep.config.seed, run.epoch, n, prep.batch))
+    state, stats = compiled.epoch(run.train, *batches, arrays.x, arrays.y)
+    stats = jax.device_get(stats)
+    jax.block_until_ready(state)
+    seconds = time.perf_counter() - t0
+    metric = "accuracy" if prep.task == "classification" else "r2"
+    evals = {}
+    for name, (loss, value) in zip(arrays.names, jax.device_get(
+            compiled.evaluate(state.params, arrays.sets))):
+        evals[f"{name}_loss"], evals[f"{name}_{metric}"] = float(loss), float(value)
+    lr = make_schedule(prep.spec.optimizer)(run.epoch * prep.steps_per_epoch)
+    entry = outputs.epoch_entry(run.epoch + 1, evals, stats, lr, seconds)
+    return _advance(run, state, entry, prep)
+
+
+def _advance(run: RunState, state: TrainState, entry: dict, prep: Prepared) -> RunState:
+    """The state after an epoch that ended in ``state`` with metrics ``entry``."""
+    epoch = run.epoch + 1
+    spent = run.train_time_s + entry["epoch_time_s"]
+    ok_steps = entry["steps"] - entry["skipped_steps"]
+    if entry["train_loss"] is None or ok_steps == 0:  # diverged: keep the last good state
+        keep_best = prep.val is not None and run.best_epoch > 0
+        why = ("every step was skipped (non-finite gradients)" if ok_steps == 0
+               else "the training loss is not finite")
+        kept = run.best_epoch if keep_best else epoch - 1
+        return run._replace(
+            epoch=epoch, train_time_s=spent, history=run.history + ({**entry, "diverged": True},),
+            diverged=True, best_epoch=kept,
+            best_params=run.best_params if keep_best else run.train.params,
+            stop_reason=(f"diverged in epoch {epoch}: {why}; kept the "
+                         f"{'best' if keep_best else 'last good'} parameters (epoch {kept})"))
+    run = run._replace(train=state, epoch=epoch, train_time_s=spent,
+                       history=run.history + (entry,))
+    if prep.val is None:
+        run = run._replace(best_epoch=epoch)
+    elif entry["val_loss"] is not None and (run.best_loss is None
+                                            or entry["val_loss"] < run.best_loss):
+        run = run._replace(best_loss=entry["val_loss"], best_epoch=epoch,
+                           best_params=state.params, bad_epochs=0)
+    else:
+        run = run._replace(bad_epochs=run.bad_epochs + 1)
+    if prep.val is not None and run.bad_epochs >= prep.config.early_stopping:
+        return run._replace(stop_reason=f"early stopping: no lower validation loss for "
+                                        f"{run.bad_epochs} epochs")
+    return run._replace(stop_reason="finished") if epoch >= prep.config.epochs else run
+
+
+def _save_due(config: TrainConfig, run: RunState, last_save: float, stopping: bool) -> bool:
+    """Whether to checkpoint after this epoch (see the module docstring)."""
+    if config.checkpoint_every == 0:
+        return False
+    if stopping:
+        return True
+    if config.checkpoint_every is None:
+        return time.monotonic() - last_save >= config.checkpoint_seconds
+    return run.epoch % config.checkpoint_every == 0
+
+
+def _save(store, run: RunState, prep: Prepared) -> None:
+    store = store.result() if hasattr(store, "result") else store
+    store.save(run.epoch, run, _identity(prep))
+
+
+def _identity(prep: Prepared) -> dict:
+    """What a run folder's checkpoints record about the run: its configuration."""
+    return {"config": prep.config.to_dict()}
+
+
+def _restore(store: CheckpointStore, template: RunState, prep: Prepared):
+    """``(state, step)`` of the newest readable checkpoint, after checking it is this run's."""
+    restored = store.restore(template, accept=lambda extra: _check_same_run(
+        extra, _identity(prep), store.directory))
+    run = restored.state
+    if prep.spec.mode == "sharding":
+        from fnbackprop import parallel as parallel_lib
+
+        run = run._replace(train=parallel_lib.replicate(prep.spec.mesh, run.train))
+    for path in restored.unreadable:
+        import warnings
+
+        warnings.warn(f"checkpoint {os.path.basename(path)} could not be read (moved to {path}); "
+                      f"resuming from the checkpoint of epoch {restored.step}", stacklevel=3)
+    return run, restored.step
+
+
+def _check_same_run(saved: dict, current: dict, where: str) -> None:
+    """Raises :class:`CheckpointError` naming what differs between ``saved`` and ``current``."""
+    from fnbackprop.training.checkpoint import CheckpointError
+
+    old, new = saved.get("config", {}), current["config"]
+    diff = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in new.items() if old.get(k) != v]
+    if diff:
+        raise CheckpointError(
+            f"cannot resume from {where}: it was written with another configuration "
+            f"({'; '.join(diff)}); use the same settings or another folder")
+
+
+def _finish(run: RunState, prep: Prepared, compiled: Compiled, arrays: DeviceData, out,
+            primary: bool, facts: dict) -> TrainResult:
+    """The final evaluation, ``summary.json``, the history and the plots."""
+    final = run.best_params if (prep.val is not None or run.diverged) else run.train.params
+    evals = dict(zip(arrays.names, (tuple(map(float, e)) for e in jax.device_get(
+        compiled.evaluate(final, arrays.sets)))))
+    spec, ds = prep.spec, prep.data
+    metric = "accuracy" if prep.task == "classification" else "r2"
+    summary = outputs.summary(config=prep.config.to_dict(), task=prep.task, metric=metric,
+                              final=evals, history=run.history, fields={
+        "best_epoch": run.best_epoch if run.history else 0,
+        "stop_reason": run.stop_reason,
+        "diverged": run.diverged,
+        "train_time_s": run.train_time_s,
+        **facts,
+        "params_sha256": outputs.params_sha256(final),
+        "sizes": list(getattr(prep.net, "sizes", ())),
+        "num_params": prep.net.num_params,
+        "n_train": int(ds.x_train.shape[0]),
+        "n_val": int(prep.val[0].shape[0]) if prep.val is not None else 0,
+        "n_test": int(ds.x_test.shape[0]),
+        "batch_size": spec.batch,
+        "steps_per_epoch": prep.steps_per_epoch,
+        "devices": len(prep.devices),
+        "device_kinds": sorted({f"{d.platform}:{getattr(d, 'device_kind', '?')}"
+                                for d in prep.devices}),
+        "parallel": spec.mode if spec.mode != "single" else None,
+        "processes": jax.process_count(),
+    })
+    if out is not None and primary:
+        from fnbackprop.diagnostics import plot_history
+
+        os.makedirs(out, exist_ok=True)
+        outputs.write_history(out, run.history)
+        outputs.write_json(os.path.join(out, "summary.json"), summary)
+        plot_history(run.history, out, task=prep.task)
+    return TrainResult(final, prep.net, summary, list(run.history))
+
+
+def _check_out(out, resume: bool) -> None:
+    if out is None:
+        if resume:
+            raise ValueError("resume=True needs out= (the folder holding the checkpoints)")
+        return
+    out = os.fspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out {out!r} exists and is not a folder")
+    if not resume and os.path.isdir(out) and os.listdir(out):
+        raise ValueError(
+            f"output folder {out!r} is not empty; pass resume=True (--resume) to continue the run "
+            "in it, or choose a new folder"
+        )
+
+
+def _fmt(v) -> str:
+    return "nan" if v is None else f"{v:.4g}"
+
+
+def _progress_bar(config: TrainConfig, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.epochs, initial=initial, desc=f"train {config.dataset}",
+                unit="epoch", file=sys.stderr, leave=True)
+
+
+class _SignalFlag(contextlib.AbstractContextManager):
+    """Records SIGINT/SIGTERM (``signum``) instead of dying mid-epoch; a second one interrupts
+    at once. Installed only on the main thread (elsewhere signals cannot be caught)."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        return False
+
+
+def check_resume(config: TrainConfig | None = None, out: str | None = None, *, data=None,
+                 **overrides) -> int | None:
+    """Checks, without changing anything, that ``train(config, out=out, resume=True)`` can
+    continue the run in ``out``.
+
+    Returns:
+      The epoch of the newest checkpoint, or ``None`` when there is none (the run would start
+      afresh).
+
+    Raises:
+      ValueError: ``out`` is missing or not a folder; :class:`~fnbackprop.training.checkpoint.
+        CheckpointError` when the run in ``out`` was written with another configuration.
+    """
+    config = make_config(config, overrides, data)
+    if out is None:
+        raise ValueError("resuming needs out= (the folder holding the checkpoints)")
+    _check_out(out, True)
+    if not os.path.isdir(_ckpt_dir(out)):
+        return None
+    with CheckpointStore(_ckpt_dir(out), keep=config.keep_checkpoints) as store:
+        steps = store.steps()
+        if not steps:
+            return None
+        extra = store.read_extra(steps[-1])
+        if extra is not None:
+            _check_same_run(extra, {"config": config.to_dict()}, out)
+        return steps[-1]

@@ -19,6 +19,7 @@ from fnbackprop import parallel as parallel_lib
 from fnbackprop.backprop import manual_grad
 from fnbackprop.gradcheck import GradCheckReport, check_gradients
 from fnbackprop.network import MLP, init
+from fnbackprop.training import memory
 from fnbackprop.training.config import TEST_SPLIT_SEED, TrainConfig, make_config
 from fnbackprop.training.sampling import batch_plan, shuffled_batches
 from fnbackprop.training.step import OptimizerSpec, StepSpec, TrainState, make_optimizer
@@ -115,7 +116,7 @@ def prepare(config: TrainConfig, ds, devices: list, parallel: str = "sharding") 
 
     Raises:
       ValueError: a setting that does not fit the data or the devices (e.g. a pmap batch the
-        device count does not divide).
+        device count does not divide, or a network too large for the device's memory).
     """
     if config.early_stopping is not None:
         ds, val = data_lib.split_validation(ds, config.val_fraction, config.seed)
@@ -129,6 +130,10 @@ def prepare(config: TrainConfig, ds, devices: list, parallel: str = "sharding") 
     mode = "single" if len(devices) == 1 else ("sharding" if parallel == "sharding" else "pmap")
     if mode == "pmap":
         parallel_lib.check_divisible(batch, len(devices))
+    rows = (n, 0 if val is None else len(val[0]), int(ds.x_test.shape[0]))
+    memory.check_fits(memory.estimate(
+        net, jnp.dtype(config.dtype), batch=-(-batch // len(devices)), optimizer=config.optimizer,
+        set_rows=rows, features=ds.num_features), devices[0])
     kind = ds.augment_kind if config.augment else "none"
     opt = OptimizerSpec(config.optimizer, float(config.lr), config.schedule,
                         config.epochs * steps if config.schedule != "constant" else 0,

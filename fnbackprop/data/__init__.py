@@ -85,16 +85,16 @@ from fnbackprop.data.preprocessing import (
 )
 
 __all__ = [
+    "AUGMENT_KINDS",
     "DATASETS",
     "DATASET_INFO",
-    "AUGMENT_KINDS",
     "MAX_CLASSES",
     "MNIST1D_ARGS",
-    "TASKS",
-    "TEST_FRACTION",
     "SPLIT_SEED",
     "SYNTHETIC_SEED",
     "SYNTHETIC_SIZE",
+    "TASKS",
+    "TEST_FRACTION",
     "DataError",
     "Dataset",
     "DatasetInfo",

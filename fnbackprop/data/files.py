@@ -99,6 +99,8 @@ def _open_regular(path: str, ext: str) -> BinaryIO:
     if not stat.S_ISREG(mode):
         os.close(fd)
         raise DataError(f"{path} is {_file_kind(mode)}, not a regular {ext} file")
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)   # a regular file: read it the ordinary way
     return os.fdopen(fd, "rb")
 
 
@@ -131,7 +133,7 @@ def _some(values: Iterable, limit: int = 8) -> str:
 # .npz
 
 
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")   # a zip archive's first bytes (a file, or empty)
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")   # a zip archive's first bytes (members, or none)
 _NPY_MAGIC = b"\x93NUMPY"
 
 
@@ -141,15 +143,7 @@ def _npz_where(array: str, row: int, col: int | None) -> str:
 
 def _read_npz(path: str, fh: BinaryIO) -> tuple[np.ndarray, np.ndarray, tuple[int, ...] | None]:
     """``x`` ``(N, d)``, ``y`` ``(N,)`` and the image shape of an ``.npz`` (numeric, unpickled)."""
-    head = fh.read(len(_NPY_MAGIC))
-    fh.seek(0)
-    if head.startswith(_NPY_MAGIC):
-        raise DataError(f"{path} is a single .npy array, not a .npz archive; save x and y "
-                        "together with np.savez(path, x=x, y=y)")
-    if not head.startswith(_ZIP_MAGIC):
-        what = "it is empty" if not head else "it is not a zip archive"
-        raise DataError(f"{path} is not a valid .npz (zip) file: {what}; save one with "
-                        "np.savez(path, x=x, y=y)")
+    _check_npz_magic(path, fh)
     try:
         with np.load(fh, allow_pickle=False) as f:
             missing = [k for k in ("x", "y") if k not in f.files]
@@ -165,6 +159,26 @@ def _read_npz(path: str, fh: BinaryIO) -> tuple[np.ndarray, np.ndarray, tuple[in
         raise DataError(f"cannot read {path} as .npz: {_oneline(exc)}") from None
     for nm, a in (("x", x), ("y", y)):
         _check_numeric(path, nm, a)
+    return _as_examples(path, x, y)
+
+
+def _check_npz_magic(path: str, fh: BinaryIO) -> None:
+    """Refuse, by its first bytes, a file that is not a zip archive (``np.load`` would unpickle)."""
+    head = fh.read(len(_NPY_MAGIC))
+    fh.seek(0)
+    if head.startswith(_NPY_MAGIC):
+        raise DataError(f"{path} is a single .npy array, not a .npz archive; save x and y "
+                        "together with np.savez(path, x=x, y=y)")
+    if not head.startswith(_ZIP_MAGIC):
+        what = "it is empty" if not head else "it is not a zip archive"
+        raise DataError(f"{path} is not a valid .npz (zip) file: {what}; save one with "
+                        "np.savez(path, x=x, y=y)")
+
+
+def _as_examples(path: str, x: np.ndarray, y: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...] | None]:
+    """``x`` as ``(N, d)`` (``(N,)`` is one feature; ``(N, ...)`` is flattened, its trailing
+    shape returned as the image shape) and ``y`` as ``(N,)``."""
     if x.ndim == 0 or y.ndim == 0:
         raise DataError(f"{path}: x and y must have a first (example) axis; got shapes "
                         f"{x.shape} and {y.shape}")
@@ -194,7 +208,6 @@ def _npz_array(path: str, f, name: str) -> np.ndarray:
             f"{path}: array {name} has dtype object (Python objects such as strings or mixed "
             "values), which is not loaded because unpickling can run code; store numbers: "
             + _NUMBERS_HINT) from None
-
 
 
 def _check_numeric(path: str, name: str, a: np.ndarray) -> None:

@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 import random
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from fnbackprop import data as D
-from fnbackprop.data import DataError, Dataset, load_dataset
+from fnbackprop.data import DataError, Dataset, bundled, load_dataset
 
 SKLEARN_SETS = ("digits", "breast_cancer", "diabetes")
 
@@ -37,8 +35,23 @@ def cache_env(mnist1d_cache, monkeypatch):
     return folder, ds
 
 
-def _load(name, mnist1d_cache):
-    return mnist1d_cache[1] if name == "mnist1d" else load_dataset(name)
+def _fake_mnist1d(args):
+    """A stand-in for the generator: the shapes, dtypes and split its ``args`` ask for."""
+    n = args["num_samples"]
+    n_train = int(n * args["train_split"])
+    x = np.random.default_rng(0).normal(size=(n, args["final_seq_length"])).astype(np.float32)
+    y = (np.arange(n) % 10).astype(np.int32)
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def _load(name, mnist1d_cache, tmp_path, monkeypatch):
+    """The dataset; mnist1d_60k (slow to generate) comes from the fake generator."""
+    if name == "mnist1d":
+        return mnist1d_cache[1]
+    if name == "mnist1d_60k":
+        monkeypatch.setenv("FNBACKPROP_CACHE_DIR", str(tmp_path))
+        monkeypatch.setattr(bundled, "_generate_mnist1d", _fake_mnist1d)
+    return load_dataset(name)
 
 
 def _raises(match_all, fn, *args, **kwargs) -> str:
@@ -56,8 +69,8 @@ def _raises(match_all, fn, *args, **kwargs) -> str:
 
 
 @pytest.mark.parametrize("name", D.DATASETS)
-def test_bundled_shapes_dtypes_classes(name, mnist1d_cache):
-    ds = _load(name, mnist1d_cache)
+def test_bundled_shapes_dtypes_classes(name, mnist1d_cache, tmp_path, monkeypatch):
+    ds = _load(name, mnist1d_cache, tmp_path, monkeypatch)
     info = D.DATASET_INFO[name]
     assert isinstance(ds, Dataset) and ds.name == name and ds.task == info.task
     assert ds.x_train.shape == (info.n_train, info.n_features)
@@ -135,28 +148,22 @@ def test_mnist1d_second_load_uses_cache(cache_env, monkeypatch):
     def no_generation(args):
         raise AssertionError("mnist1d regenerated although it is cached")
 
-    monkeypatch.setattr(D, "_generate_mnist1d", no_generation)
+    monkeypatch.setattr(bundled, "_generate_mnist1d", no_generation)
     second = load_dataset("mnist1d", seed=3)
     for field in ("x_train", "y_train", "x_test", "y_test"):
         assert getattr(first, field).tobytes() == getattr(second, field).tobytes(), field
 
 
-def _fake_mnist1d(args):
-    rng = np.random.default_rng(0)
-    return (rng.normal(size=(4000, 40)).astype(np.float32), (np.arange(4000) % 10).astype(np.int32),
-            rng.normal(size=(1000, 40)).astype(np.float32), (np.arange(1000) % 10).astype(np.int32))
-
-
 def test_mnist1d_damaged_cache_is_regenerated_atomically(tmp_path, monkeypatch):
     monkeypatch.setenv("FNBACKPROP_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(D, "_generate_mnist1d", _fake_mnist1d)
-    _, key = D._mnist1d_args()
+    monkeypatch.setattr(bundled, "_generate_mnist1d", _fake_mnist1d)
+    key = bundled._mnist1d_key(D.MNIST1D_ARGS["mnist1d"])
     path = tmp_path / f"mnist1d-{key}.npz"
     path.write_bytes(b"half a zip file")
     ds = load_dataset("mnist1d")
-    np.testing.assert_array_equal(ds.x_train, _fake_mnist1d(None)[0])
+    np.testing.assert_array_equal(ds.x_train, _fake_mnist1d(D.MNIST1D_ARGS["mnist1d"])[0])
     assert os.listdir(tmp_path) == [path.name]  # no temporary files left behind
-    monkeypatch.setattr(D, "_generate_mnist1d", lambda args: pytest.fail("regenerated"))
+    monkeypatch.setattr(bundled, "_generate_mnist1d", lambda args: pytest.fail("regenerated"))
     again = load_dataset("mnist1d")
     assert again.x_test.tobytes() == ds.x_test.tobytes()
 
@@ -165,7 +172,7 @@ def test_mnist1d_unwritable_cache_still_loads(tmp_path, monkeypatch):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("x")
     monkeypatch.setenv("FNBACKPROP_CACHE_DIR", str(blocker / "sub"))
-    monkeypatch.setattr(D, "_generate_mnist1d", _fake_mnist1d)
+    monkeypatch.setattr(bundled, "_generate_mnist1d", _fake_mnist1d)
     ds = load_dataset("mnist1d")
     assert ds.x_train.shape == (4000, 40)
 
@@ -303,7 +310,7 @@ def test_missing_and_unreadable_files(tmp_path):
     _raises(["file not found"], load_dataset, str(tmp_path / "nope.npz"))
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"\x00\x01 not a zip")
-    _raises(["cannot read", "bad.npz"], load_dataset, str(bad))
+    _raises(["not a valid .npz (zip) file", "bad.npz"], load_dataset, str(bad))
     badcsv = tmp_path / "bad.csv"
     badcsv.write_bytes(b"a,b\n\xff\xfe,1\n")
     _raises(["cannot read", "bad.csv"], load_dataset, str(badcsv))

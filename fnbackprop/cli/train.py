@@ -28,8 +28,11 @@ def _batch_size(text: str):
 
 
 def _hidden_widths(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none"):
+    if text.strip().lower() == "none":
         return ()
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "--hidden needs comma-separated widths (e.g. 64,64), or 'none' for no hidden layer")
     try:
         return parse_int_list(text, "--hidden")
     except UsageError as e:
@@ -53,7 +56,10 @@ def _train_epilog() -> str:
     lines += [
         "",
         "outputs in --out: metrics.jsonl (one line per epoch), summary.json, curves.png,",
-        "gradient_flow.png, checkpoints/ (orbax). Exit status: 0 done, 1 diverged, 2 bad input.",
+        "gradient_flow.png, checkpoints/ (orbax), run.json (the run's settings and data",
+        "fingerprint). Exit status: 0 done, 1 diverged, 2 bad input (nothing was changed),",
+        "3 internal error (with a traceback), 130/143 interrupted by SIGINT/SIGTERM (the state is",
+        "saved: continue with --resume).",
         "Compiled epochs are cached on disk (JAX's persistent compilation cache, in",
         "$JAX_COMPILATION_CACHE_DIR or ~/.cache/fnbackprop/jax); FNBACKPROP_COMPILE_CACHE=0 turns",
         "that off.",
@@ -210,42 +216,9 @@ def _enable_compile_cache(cache_root: str) -> None:
 
 
 def _cmd_train(args) -> int:
-    import dataclasses
-    import os
-
-    from fnbackprop.training import default_config
-
-    given = {f: getattr(args, f) for f in TRAIN_FIELDS if hasattr(args, f)}
-    try:
-        config = dataclasses.replace(default_config(given.get("dataset", "digits")), **given)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if args.resume and args.out is None:
-        raise UsageError("--resume needs --out DIR (the folder of the run to continue)")
-    multi = (args.coordinator, args.num_processes, args.process_id)
-    if any(v is not None for v in multi):
-        if any(v is None for v in multi):
-            raise UsageError("a multi-process run needs all of --coordinator HOST:PORT, "
-                             "--num-processes N and --process-id I")
-        if args.process_id >= args.num_processes:
-            raise UsageError(f"--process-id {args.process_id} must be in "
-                             f"[0, {args.num_processes})")
-        if args.out is None:
-            raise UsageError("a multi-process run needs --out DIR (the same folder for all)")
+    config = _config(args)
     primary = args.process_id in (None, 0)
-    if config.dataset.lower().endswith((".npz", ".csv")) and not os.path.isfile(config.dataset):
-        if os.path.isdir(config.dataset):
-            raise UsageError(f"{config.dataset} is a folder, not a data file")
-        raise UsageError(f"file not found: {config.dataset}")
-    out = args.out if args.out is not None else _default_out(config.dataset)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out!r} exists and is not a folder")
-    if primary and not args.resume and os.path.isdir(out) and os.listdir(out):
-        raise UsageError(
-            f"--out {out!r} is not empty; add --resume to continue the run in it, or choose a "
-            "new folder (nothing was changed)"
-        )
-
+    _check_processes(args)
     import jax
 
     if config.dtype == "float64":
@@ -257,38 +230,81 @@ def _cmd_train(args) -> int:
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    devices = "all" if (args.data_parallel or args.coordinator is not None) else None
     from fnbackprop import data as data_lib
     from fnbackprop import training
+    from fnbackprop.training import folder
     from fnbackprop.training.prepare import load_data
 
     try:
         ds = load_data(config)
+    except ValueError as e:  # DataError: a missing or bad file
+        raise UsageError(" ".join(str(e).split())) from None
+    out = args.out if args.out is not None else _default_out(config.dataset)
+    try:
+        folder.check_out(out, args.resume or not primary)  # the others share process 0's
         if args.resume:
             training.check_resume(config, out, data=ds)
-    except ValueError as e:  # DataError, CheckpointError, a bad setting for this data
-        raise UsageError(" ".join(str(e).split())) from None
-
+    except ValueError as e:  # an unusable --out, or (CheckpointError) another run in it
+        raise UsageError(" ".join(str(e).replace("output folder", "--out", 1).split())) from None
     _enable_compile_cache(data_lib.cache_dir())  # everything is validated: the work starts
-    if primary and not args.resume and not args.quiet:
-        report = training.check_first_batch(config, data=ds)
-        print(f"gradient check of the first batch ({report.dtype}): manual vs jax.grad max rel "
-              f"{report.max_rel_autodiff:.1e} (tol {report.tol_autodiff:g}), vs finite "
-              f"differences max rel {report.max_rel_fd:.1e} (tol {report.tol_fd:g}): "
-              f"{'passed' if report.passed else 'FAILED'}")
-        if not report.passed:
-            print(report)
     try:
+        if primary and not args.resume and not args.quiet:
+            _print_first_batch_check(config, ds)
         result = training.train(config, out=out, resume=args.resume,
                                 progress=primary and not args.quiet and sys.stderr.isatty(),
-                                data=ds, devices=devices, parallel=args.parallel)
+                                data=ds, devices="all" if (args.data_parallel or args.coordinator)
+                                else None, parallel=args.parallel)
     except training.Interrupted as e:
         sys.stderr.write(f"fnbackprop train: {e}; its state is saved: continue with --resume "
                          f"--out {out}\n")
         return 128 + e.signum
-    except ValueError as e:  # raised before any training, e.g. every checkpoint unreadable,
-        # or a batch size that --parallel pmap cannot split evenly
+    except ValueError as e:  # raised before any training: a network too large for the memory,
+        # every checkpoint unreadable, a batch size that --parallel pmap cannot split evenly
         raise UsageError(" ".join(str(e).split())) from None
+    return _report(result, config, out)
+
+
+def _config(args):
+    """The run's :class:`fnbackprop.TrainConfig` from the flags (the dataset's defaults first)."""
+    import dataclasses
+
+    from fnbackprop.training import default_config
+
+    given = {f: getattr(args, f) for f in TRAIN_FIELDS if hasattr(args, f)}
+    try:
+        return dataclasses.replace(default_config(given.get("dataset", "digits")), **given)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _check_processes(args) -> None:
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out DIR (the folder of the run to continue)")
+    multi = (args.coordinator, args.num_processes, args.process_id)
+    if all(v is None for v in multi):
+        return
+    if any(v is None for v in multi):
+        raise UsageError("a multi-process run needs all of --coordinator HOST:PORT, "
+                         "--num-processes N and --process-id I")
+    if args.process_id >= args.num_processes:
+        raise UsageError(f"--process-id {args.process_id} must be in [0, {args.num_processes})")
+    if args.out is None:
+        raise UsageError("a multi-process run needs --out DIR (the same folder for all)")
+
+
+def _print_first_batch_check(config, ds) -> None:
+    from fnbackprop import training
+
+    report = training.check_first_batch(config, data=ds)
+    print(f"gradient check of the first batch ({report.dtype}): manual vs jax.grad max rel "
+          f"{report.max_rel_autodiff:.1e} (tol {report.tol_autodiff:g}), vs finite "
+          f"differences max rel {report.max_rel_fd:.1e} (tol {report.tol_fd:g}): "
+          f"{'passed' if report.passed else 'FAILED'}")
+    if not report.passed:
+        print(report)
+
+
+def _report(result, config, out) -> int:
     s = result.summary
     metric = (f"test accuracy {s['test_accuracy']:.4f}" if "test_accuracy" in s
               else f"test R² {s['test_r2']:.4f}")

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from fnbackprop.network import Params
-from fnbackprop.training import outputs
+from fnbackprop.training import folder, outputs
 from fnbackprop.training.checkpoint import CheckpointStore, open_in_background
 from fnbackprop.training.config import TrainConfig, make_config
 from fnbackprop.training.evaluation import compile_evaluate
@@ -155,21 +155,24 @@ def train(config: TrainConfig | None = None, *, out: str | None = None, resume: 
     check_x64(config)
     device_list = resolve_devices(devices, parallel)
     primary = jax.process_index() == 0  # process 0 writes metrics, summary and plots
-    if primary:
-        _check_out(out, resume)
-    prep = prepare(config, data if data is not None else load_data(config), device_list, parallel)
+    folder.check_out(out, resume or not primary)  # the other processes share process 0's
+    ds = data if data is not None else load_data(config)
+    ident = folder.identity(config, ds)
+    if resume:
+        folder.check_reuse(out, ident)
+    prep = prepare(config, ds, device_list, parallel)
     if out is not None and primary:
-        os.makedirs(out, exist_ok=True)
+        folder.claim(out, ident)
     arrays = device_data(prep)
     run = _fresh(prep)
     store, resumed_from = _open_store(out, resume, config), None
     try:
         if isinstance(store, CheckpointStore) and store.steps():
-            run, resumed_from = _restore(store, run, prep)
+            run, resumed_from = _restore(store, run, prep, ident)
         t0 = time.perf_counter()
         compiled = _compile(run, prep, arrays)
         compile_s = time.perf_counter() - t0
-        run = _epochs(run, prep, arrays, compiled, out, store, progress)
+        run = _epochs(run, prep, arrays, compiled, out, store, progress, ident)
     finally:
         _close(store)
     return _finish(run, prep, compiled, arrays, out, primary,
@@ -227,7 +230,7 @@ def _put_batches(prep: Prepared, batches) -> tuple:
 
 
 def _epochs(run: RunState, prep: Prepared, arrays: DeviceData, compiled: Compiled, out, store,
-            progress: bool) -> RunState:
+            progress: bool, ident: dict) -> RunState:
     """Runs the remaining epochs, saving as the policy says; returns the final state."""
     config = prep.config
     if compiled.epoch is None:
@@ -247,7 +250,7 @@ def _epochs(run: RunState, prep: Prepared, arrays: DeviceData, compiled: Compile
             stopping = run.stop_reason is not None or signals.signum is not None
             if store is not None and not run.diverged and _save_due(config, run, last_save,
                                                                     stopping):
-                _save(store, run, prep)
+                _save(store, run, ident)
                 last_save = time.monotonic()
             if signals.signum is not None and run.stop_reason is None:
                 raise Interrupted(signals.signum, run.epoch)
@@ -318,20 +321,15 @@ def _save_due(config: TrainConfig, run: RunState, last_save: float, stopping: bo
     return run.epoch % config.checkpoint_every == 0
 
 
-def _save(store, run: RunState, prep: Prepared) -> None:
+def _save(store, run: RunState, ident: dict) -> None:
     store = store.result() if hasattr(store, "result") else store
-    store.save(run.epoch, run, _identity(prep))
+    store.save(run.epoch, run, ident)
 
 
-def _identity(prep: Prepared) -> dict:
-    """What a run folder's checkpoints record about the run: its configuration."""
-    return {"config": prep.config.to_dict()}
-
-
-def _restore(store: CheckpointStore, template: RunState, prep: Prepared):
+def _restore(store: CheckpointStore, template: RunState, prep: Prepared, ident: dict):
     """``(state, step)`` of the newest readable checkpoint, after checking it is this run's."""
-    restored = store.restore(template, accept=lambda extra: _check_same_run(
-        extra, _identity(prep), store.directory))
+    restored = store.restore(template, accept=lambda extra: folder.check_same_run(
+        extra, ident, store.directory))
     run = restored.state
     if prep.spec.mode == "sharding":
         from fnbackprop import parallel as parallel_lib
@@ -343,18 +341,6 @@ def _restore(store: CheckpointStore, template: RunState, prep: Prepared):
         warnings.warn(f"checkpoint {os.path.basename(path)} could not be read (moved to {path}); "
                       f"resuming from the checkpoint of epoch {restored.step}", stacklevel=3)
     return run, restored.step
-
-
-def _check_same_run(saved: dict, current: dict, where: str) -> None:
-    """Raises :class:`CheckpointError` naming what differs between ``saved`` and ``current``."""
-    from fnbackprop.training.checkpoint import CheckpointError
-
-    old, new = saved.get("config", {}), current["config"]
-    diff = [f"{k}: {old.get(k)!r} → {v!r}" for k, v in new.items() if old.get(k) != v]
-    if diff:
-        raise CheckpointError(
-            f"cannot resume from {where}: it was written with another configuration "
-            f"({'; '.join(diff)}); use the same settings or another folder")
 
 
 def _finish(run: RunState, prep: Prepared, compiled: Compiled, arrays: DeviceData, out,
@@ -396,21 +382,6 @@ def _finish(run: RunState, prep: Prepared, compiled: Compiled, arrays: DeviceDat
     return TrainResult(final, prep.net, summary, list(run.history))
 
 
-def _check_out(out, resume: bool) -> None:
-    if out is None:
-        if resume:
-            raise ValueError("resume=True needs out= (the folder holding the checkpoints)")
-        return
-    out = os.fspath(out)
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"out {out!r} exists and is not a folder")
-    if not resume and os.path.isdir(out) and os.listdir(out):
-        raise ValueError(
-            f"output folder {out!r} is not empty; pass resume=True (--resume) to continue the run "
-            "in it, or choose a new folder"
-        )
-
-
 def _fmt(v) -> str:
     return "nan" if v is None else f"{v:.4g}"
 
@@ -450,7 +421,7 @@ class _SignalFlag(contextlib.AbstractContextManager):
 def check_resume(config: TrainConfig | None = None, out: str | None = None, *, data=None,
                  **overrides) -> int | None:
     """Checks, without changing anything, that ``train(config, out=out, resume=True)`` can
-    continue the run in ``out``.
+    continue the run in ``out``: same configuration, same data.
 
     Returns:
       The epoch of the newest checkpoint, or ``None`` when there is none (the run would start
@@ -458,19 +429,19 @@ def check_resume(config: TrainConfig | None = None, out: str | None = None, *, d
 
     Raises:
       ValueError: ``out`` is missing or not a folder; :class:`~fnbackprop.training.checkpoint.
-        CheckpointError` when the run in ``out`` was written with another configuration.
+        CheckpointError` when ``out`` holds another run (settings or data).
     """
     config = make_config(config, overrides, data)
     if out is None:
         raise ValueError("resuming needs out= (the folder holding the checkpoints)")
-    _check_out(out, True)
+    folder.check_out(out, True)
+    ident = folder.identity(config, data if data is not None else load_data(config))
+    folder.check_reuse(out, ident)
     if not os.path.isdir(_ckpt_dir(out)):
         return None
     with CheckpointStore(_ckpt_dir(out), keep=config.keep_checkpoints) as store:
         steps = store.steps()
-        if not steps:
-            return None
-        extra = store.read_extra(steps[-1])
+        extra = store.read_extra(steps[-1]) if steps else None
         if extra is not None:
-            _check_same_run(extra, {"config": config.to_dict()}, out)
-        return steps[-1]
+            folder.check_same_run(extra, ident, out)
+        return steps[-1] if steps else None

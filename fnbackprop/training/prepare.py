@@ -133,7 +133,8 @@ def prepare(config: TrainConfig, ds, devices: list, parallel: str = "sharding") 
     rows = (n, 0 if val is None else len(val[0]), int(ds.x_test.shape[0]))
     memory.check_fits(memory.estimate(
         net, jnp.dtype(config.dtype), batch=-(-batch // len(devices)), optimizer=config.optimizer,
-        set_rows=rows, features=ds.num_features), devices[0])
+        set_rows=rows, features=ds.num_features),
+        next(d for d in devices if d.process_index == jax.process_index()))
     kind = ds.augment_kind if config.augment else "none"
     opt = OptimizerSpec(config.optimizer, float(config.lr), config.schedule,
                         config.epochs * steps if config.schedule != "constant" else 0,

@@ -14,6 +14,7 @@ Public API::
 
 from fnbackprop.activations import ACTIVATIONS, HIDDEN_ACTIVATIONS, OUTPUT_ACTIVATIONS
 from fnbackprop import parallel
+from fnbackprop import privacy
 from fnbackprop.backprop import Backward, autodiff_grad, backward, grads_from_backward, manual_grad
 from fnbackprop.data import DATASETS, DataError, Dataset, load_dataset
 from fnbackprop.gradcheck import GradCheckReport, GradCheckRow, check_gradients
@@ -64,4 +65,5 @@ __all__ = [
     "train",
     "grads_from_backward",
     "parallel",
+    "privacy",
 ]

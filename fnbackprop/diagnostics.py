@@ -71,7 +71,8 @@ def plot_history(history: Sequence[dict], out_dir: str, *,
 
     * ``curves.png``: train/validation/test loss, and accuracy (classification) or R² (regression)
       per epoch;
-    * ``gradient_flow.png``: per-layer ``‖∂L/∂W^l‖`` and mean ``‖δ^l‖`` per epoch (log scale).
+    * ``gradient_flow.png``: per-layer ``‖∂L/∂W^l‖`` and mean ``‖δ^l‖`` per epoch (log scale),
+      when the history has them.
 
     Args:
       history: the per-epoch metrics (the ``metrics.jsonl`` lines).
@@ -121,6 +122,8 @@ def plot_history(history: Sequence[dict], out_dir: str, *,
     _atomic_savefig(fig, path)
     paths.append(path)
 
+    if "grad_norm" not in history[0]:  # not logged (a private run)
+        return paths
     num_layers = len(history[0]["grad_norm"])
     fig, (ax_g, ax_d) = subplots()
     for l in range(num_layers):

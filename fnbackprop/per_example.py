@@ -334,3 +334,13 @@ def clipped_grads_from_backward(net, params, bw, clip_norm, *, per_layer=False,
                   "b": g["b"] + std * jax.random.normal(keys[2 * l + 1], g["b"].shape, dtype)}
                  for l, g in enumerate(grads)]
     return grads, jnp.where(m, norms, 0.0)
+
+
+def add_noise(grads, noise_multiplier, clip_norm, normalize_by, key):
+    """Interim: Gaussian noise of std σC/normalize_by on every entry."""
+    leaves, treedef = jax.tree_util.tree_flatten(grads)
+    keys = jax.random.split(key, len(leaves))
+    std = noise_multiplier * clip_norm / normalize_by
+    return jax.tree_util.tree_unflatten(treedef, [
+        g + jnp.asarray(std, g.dtype) * jax.random.normal(k, g.shape, g.dtype)
+        for g, k in zip(leaves, keys)])

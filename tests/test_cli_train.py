@@ -79,6 +79,14 @@ def test_bad_data_file_and_resume_without_out(tmp_path, monkeypatch, capsys):
     assert "--out" in capsys.readouterr().err
 
 
+def test_every_config_field_has_a_flag():
+    import dataclasses
+
+    from fnbackprop.training import TrainConfig
+
+    assert set(cli.TRAIN_FIELDS) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
 def test_help_documents_every_flag_with_its_default(capsys):
     assert _main(["train", "--help"]) == 0
     text = capsys.readouterr().out

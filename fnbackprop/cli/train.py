@@ -27,6 +27,21 @@ def _batch_size(text: str):
     return v
 
 
+def _probability(name: str):
+    """An argparse ``type`` for a number in (0, 1)."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not 0.0 < v < 1.0:
+            raise argparse.ArgumentTypeError(f"{name} must be in (0, 1), got {text}")
+        return v
+
+    return parse
+
+
 def _hidden_widths(text: str) -> tuple[int, ...]:
     if text.strip().lower() == "none":
         return ()
@@ -70,17 +85,25 @@ def _train_epilog() -> str:
 TRAIN_FIELDS = (
     "dataset", "target", "task", "hidden", "activation", "init", "optimizer", "lr", "schedule",
     "batch_size", "epochs", "l1", "l2", "dropout", "clip_norm", "clip_value", "per_example_clip",
-    "noise_multiplier", "early_stopping", "val_fraction", "augment", "gradient", "seed",
-    "checkpoint_every", "checkpoint_seconds", "keep_checkpoints", "dtype",
+    "noise_multiplier", "target_epsilon", "delta", "accountant", "sampling",
+    "physical_batch_size", "train_metrics", "early_stopping", "val_fraction", "augment",
+    "gradient", "seed", "checkpoint_every", "checkpoint_seconds", "keep_checkpoints", "dtype",
 )
-"""The ``train`` flags that map 1:1 onto :class:`fnbackprop.training.TrainConfig` fields."""
+"""The ``train`` flags, one per :class:`fnbackprop.training.TrainConfig` field (tested)."""
 
 
 def add_parser(sub) -> None:
     from fnbackprop.activations import HIDDEN_ACTIVATIONS
     from fnbackprop.data import DATASETS
     from fnbackprop.network import INIT_SCHEMES
-    from fnbackprop.training import DTYPES, GRADIENTS, OPTIMIZERS, SCHEDULES
+    from fnbackprop.training.config import (
+        ACCOUNTANTS,
+        DTYPES,
+        GRADIENTS,
+        OPTIMIZERS,
+        SAMPLINGS,
+        SCHEDULES,
+    )
 
     p = sub.add_parser(
         "train",
@@ -133,6 +156,30 @@ def add_parser(sub) -> None:
     a("--noise-multiplier", type=positive_float("--noise-multiplier", allow_zero=True),
       metavar="SIGMA",
       help="Gaussian noise σ·C on the clipped gradient sum, with --per-example-clip (default: 0)")
+    g = p.add_argument_group(
+        "private training (DP-SGD)",
+        "With --noise-multiplier or --target-epsilon the run reports (ε, δ) per epoch and in\n"
+        "summary.json (accounted with dp-accounting). Batches are Poisson samples (each example\n"
+        "with probability B/N, the sampling the accountants price); metrics computed from the\n"
+        "training data are off unless --train-metrics (they are outside the guarantee).")
+    g.add_argument("--target-epsilon", type=positive_float("--target-epsilon"), metavar="E",
+                   help="choose the smallest noise multiplier whose ε after the last epoch is at "
+                   "most E (excludes --noise-multiplier) (default: off)")
+    g.add_argument("--delta", type=_probability("--delta"), metavar="D",
+                   help="δ of the guarantee (default: 1e-5, or 1/(10·N) when the training set "
+                   "has N > 10^4 examples)")
+    g.add_argument("--accountant", choices=ACCOUNTANTS,
+                   help="pld: privacy loss distributions; rdp: Rényi DP (default: pld)")
+    g.add_argument("--sampling", choices=SAMPLINGS,
+                   help="poisson: each example in each batch independently with probability B/N; "
+                   "shuffle: each example once per epoch (reports the ε of shuffled batches, "
+                   "without amplification) (default: poisson with noise, else shuffle)")
+    g.add_argument("--physical-batch-size", type=positive_int("--physical-batch-size"),
+                   metavar="P", help="with --per-example-clip: process each batch in chunks of P "
+                   "rows, noise drawn once (default: the whole batch at once)")
+    g.add_argument("--train-metrics", action=argparse.BooleanOptionalAction,
+                   help="metrics of the training data: training loss and accuracy, gradient "
+                   "and δ norms, the first-batch check (default: on, off with noise)")
     a("--early-stopping", type=positive_int("--early-stopping"), metavar="PATIENCE",
       help="stop after PATIENCE epochs without a lower validation loss and keep the best "
       "parameters (default: off)")
@@ -248,7 +295,7 @@ def _cmd_train(args) -> int:
         raise UsageError(" ".join(str(e).replace("output folder", "--out", 1).split())) from None
     _enable_compile_cache(data_lib.cache_dir())  # everything is validated: the work starts
     try:
-        if primary and not args.resume and not args.quiet:
+        if primary and not args.resume and not args.quiet and config.logs_training_data:
             _print_first_batch_check(config, ds)
         result = training.train(config, out=out, resume=args.resume,
                                 progress=primary and not args.quiet and sys.stderr.isatty(),
@@ -314,8 +361,16 @@ def _report(result, config, out) -> int:
     print(f"{config.dataset}: {metric}, test loss {s['test_loss']:.4f} after {s['epochs_run']} "
           f"epochs ({s['stop_reason']}); training {s['train_time_s']:.2f} s, compile "
           f"{s['compile_time_s']:.2f} s")
-    print(f"outputs: {out}/ (summary.json, metrics.jsonl, curves.png, gradient_flow.png"
-          f"{', checkpoints/' if config.checkpoint_every != 0 else ''})")
+    if "privacy" in s:
+        pv = s["privacy"]
+        print(f"privacy: (ε = {pv['epsilon']:.4g}, δ = {pv['delta']:.3g})-DP ({pv['accountant']} "
+              f"accountant, {pv['sampling']} sampling, σ = {pv['noise_multiplier']:.4g}, C = "
+              f"{pv['clip_norm']:g}; δ: {pv['delta_reason']}); not covered: "
+              f"{len(pv['not_covered'])} item(s), see summary.json")
+    import os
+
+    names = sorted(n + "/" * os.path.isdir(os.path.join(out, n)) for n in os.listdir(out))
+    print(f"outputs: {out}/ ({', '.join(names)})")
     if s["diverged"]:
         sys.stderr.write(f"fnbackprop train: {s['stop_reason']}\n")
         return 1

@@ -22,6 +22,8 @@ __all__ = [
     "GRADIENTS",
     "DTYPES",
     "TASKS",
+    "SAMPLINGS",
+    "ACCOUNTANTS",
     "DATASET_DEFAULTS",
     "GENERIC_DEFAULTS",
     "DEFAULTED_FIELDS",
@@ -34,6 +36,8 @@ SCHEDULES: tuple[str, ...] = ("constant", "cosine", "exponential", "step")
 GRADIENTS: tuple[str, ...] = ("manual", "autodiff")
 DTYPES: tuple[str, ...] = ("float32", "float64")
 TASKS: tuple[str, ...] = ("classification", "regression")
+SAMPLINGS: tuple[str, ...] = ("poisson", "shuffle")
+ACCOUNTANTS: tuple[str, ...] = ("pld", "rdp")
 MOMENTUM = 0.9
 """Momentum of the ``momentum`` and ``nesterov`` optimisers."""
 TEST_SPLIT_SEED = 0
@@ -120,7 +124,21 @@ class TrainConfig:
       clip_value: clip every gradient entry to ±this (``optax.clip``).
       per_example_clip: clip every example's gradient to this norm
         (:func:`fnbackprop.clipped_grad`).
-      noise_multiplier: DP-SGD noise σ ≥ 0 (needs ``per_example_clip``).
+      noise_multiplier: DP-SGD noise σ ≥ 0 (needs ``per_example_clip``): Gaussian noise of
+        standard deviation σ·C on the sum of the clipped per-example gradients.
+      target_epsilon: instead of ``noise_multiplier``: the smallest σ whose ε (after every
+        epoch, with ``accountant``) is at most this (needs ``per_example_clip``).
+      delta: the δ of the (ε, δ) guarantee; ``None``: :func:`fnbackprop.privacy.default_delta`
+        of the training-set size.
+      accountant: ``"pld"`` or ``"rdp"`` (:mod:`fnbackprop.privacy`).
+      sampling: ``"poisson"`` (every step includes each example independently with probability
+        B/N: the sampling the accountants price) or ``"shuffle"`` (every example once per
+        epoch); ``None``: Poisson when there is noise, else shuffle.
+      physical_batch_size: with ``per_example_clip``: process each batch in chunks of this many
+        rows (the clipped sums accumulated, noise drawn once), for batches too large for memory.
+      train_metrics: compute metrics from the training data (per-epoch training loss and
+        accuracy, gradient and δ norms, the first-batch gradient check); ``None``: on, except
+        with noise, where they fall outside the privacy guarantee.
       early_stopping: patience in epochs (needs ``val_fraction > 0``); ``None``: off.
       val_fraction: fraction of the training set held out for validation when early stopping.
       augment: perturb each training batch (:func:`fnbackprop.training.augmentation.augment`).
@@ -153,6 +171,12 @@ class TrainConfig:
     clip_value: float | None = None
     per_example_clip: float | None = None
     noise_multiplier: float = 0.0
+    target_epsilon: float | None = None
+    delta: float | None = None
+    accountant: str = "pld"
+    sampling: str | None = None
+    physical_batch_size: int | None = None
+    train_metrics: bool | None = None
     early_stopping: int | None = None
     val_fraction: float = 0.1
     augment: bool = False
@@ -176,6 +200,21 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["hidden"] = list(d["hidden"]) if d["hidden"] is not None else None
         return d
+
+    @property
+    def private(self) -> bool:
+        """Whether the run adds DP noise (``noise_multiplier > 0`` or a ``target_epsilon``)."""
+        return self.noise_multiplier > 0 or self.target_epsilon is not None
+
+    @property
+    def poisson(self) -> bool:
+        """Whether batches are Poisson samples (see ``sampling``)."""
+        return self.sampling == "poisson" or (self.sampling is None and self.private)
+
+    @property
+    def logs_training_data(self) -> bool:
+        """Whether the run reports metrics computed from the training data."""
+        return self.train_metrics if self.train_metrics is not None else not self.private
 
 
 def _is_int(v) -> bool:
@@ -261,6 +300,7 @@ def _validate_regularisation(c: TrainConfig) -> None:
             f"noise_multiplier={c.noise_multiplier} needs per_example_clip (the noise is scaled "
             "by the clipping norm)"
         )
+    _validate_privacy(c)
     if c.per_example_clip is not None:
         if c.dropout > 0:
             raise ValueError(
@@ -280,6 +320,36 @@ def _validate_regularisation(c: TrainConfig) -> None:
         raise ValueError("early_stopping needs a validation split: val_fraction must be > 0")
     if not isinstance(c.augment, (bool, np.bool_)):
         raise _bad("augment", c.augment, "True or False")
+
+
+def _validate_privacy(c: TrainConfig) -> None:
+    if c.target_epsilon is not None:
+        if not (_is_num(c.target_epsilon) and math.isfinite(c.target_epsilon)
+                and c.target_epsilon > 0):
+            raise _bad("target_epsilon", c.target_epsilon, "a finite number > 0 or None")
+        if c.noise_multiplier > 0:
+            raise ValueError(f"target_epsilon={c.target_epsilon} chooses the noise multiplier "
+                             f"itself; leave noise_multiplier at 0 (got {c.noise_multiplier})")
+        if c.per_example_clip is None:
+            raise ValueError(f"target_epsilon={c.target_epsilon} needs per_example_clip (the "
+                             "noise is scaled by the clipping norm)")
+    if c.delta is not None and not (_is_num(c.delta) and 0 < c.delta < 1):
+        raise _bad("delta", c.delta, "a number in (0, 1) or None")
+    _check_choice("accountant", c.accountant, ACCOUNTANTS, optional=False)
+    _check_choice("sampling", c.sampling, SAMPLINGS, optional=True)
+    if c.physical_batch_size is not None:
+        if not (_is_int(c.physical_batch_size) and c.physical_batch_size >= 1):
+            raise _bad("physical_batch_size", c.physical_batch_size, "an integer ≥ 1 or None")
+        if c.per_example_clip is None:
+            raise ValueError("physical_batch_size splits the per-example clipped step; it needs "
+                             "per_example_clip")
+    if c.train_metrics is not None and not isinstance(c.train_metrics, (bool, np.bool_)):
+        raise _bad("train_metrics", c.train_metrics, "True, False or None")
+    if c.target_epsilon is not None and c.sampling == "shuffle":
+        raise ValueError("target_epsilon calibrates σ for Poisson sampling (the sampling the "
+                         "accountants price); with sampling='shuffle' give noise_multiplier")
+    if c.poisson and c.batch_size == "full":
+        raise ValueError("Poisson sampling needs an expected batch size, not batch_size='full'")
 
 
 def _validate_run(c: TrainConfig) -> None:

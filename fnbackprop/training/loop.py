@@ -14,19 +14,19 @@ stops with :class:`Interrupted`); ``checkpoint_every=K`` saves every K epochs an
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import jax
-import numpy as np
 
 from fnbackprop.network import Params
-from fnbackprop.training import folder, outputs
+from fnbackprop import parallel as parallel_lib
+from fnbackprop.training import accounting, folder, outputs
 from fnbackprop.training.checkpoint import CheckpointStore, open_in_background
 from fnbackprop.training.config import TrainConfig, make_config
 from fnbackprop.training.evaluation import compile_evaluate
@@ -40,7 +40,7 @@ from fnbackprop.training.prepare import (
     prepare,
     resolve_devices,
 )
-from fnbackprop.training.sampling import shuffled_batches
+from fnbackprop.training.sampling import epoch_batches
 from fnbackprop.training.step import TrainState, compile_epoch, make_schedule
 
 __all__ = ["RunState", "TrainResult", "Interrupted", "train", "check_resume"]
@@ -59,6 +59,7 @@ class RunState(NamedTuple):
       stop_reason: why the run stopped (``None`` while it runs).
       diverged: whether it stopped because training diverged.
       train_time_s: seconds spent in the epochs' training steps, over every session.
+      truncated_batches: Poisson batches larger than the capacity (truncated).
       history: one ``metrics.jsonl`` entry per epoch.
     """
 
@@ -73,6 +74,7 @@ class RunState(NamedTuple):
     stop_reason: str | None = None
     diverged: bool = False
     train_time_s: float = 0.0
+    truncated_batches: int = 0
     history: tuple = ()
 
 
@@ -113,6 +115,28 @@ class Compiled(NamedTuple):
     evaluate: Any
 
 
+class Session(NamedTuple):
+    """What one call of :func:`train` works with besides the run state (nothing of it is saved).
+
+    Attributes:
+      prep: data, network, batching, step spec, privacy plan.
+      arrays: the data on the devices.
+      compiled: the compiled epoch and evaluation.
+      out: the output folder or ``None``.
+      store: the checkpoint store (or a future of it) or ``None``.
+      ident: the run's identity (configuration and data fingerprint).
+      epsilons: a private run's :class:`~fnbackprop.training.accounting.EpsilonSchedule`.
+    """
+
+    prep: Prepared
+    arrays: DeviceData
+    compiled: Compiled
+    out: str | None
+    store: Any
+    ident: dict
+    epsilons: Any
+
+
 def train(config: TrainConfig | None = None, *, out: str | None = None, resume: bool = False,
           progress: bool = False, data=None, devices=None, parallel: str = "sharding",
           **overrides) -> TrainResult:
@@ -127,8 +151,8 @@ def train(config: TrainConfig | None = None, *, out: str | None = None, resume: 
       config: the settings (default: ``default_config(dataset)``).
       out: output folder (created if needed; must be empty unless ``resume``). ``None``: nothing
         is written to disk and there are no checkpoints.
-      resume: continue from the newest readable checkpoint in ``out/checkpoints`` (start
-        afresh if there is none). The configuration must equal the checkpoint's.
+      resume: continue the run in ``out`` from its newest readable checkpoint (start afresh if
+        there is none). Its settings and data must be this run's (``run.json``).
       progress: show a tqdm progress bar on stderr.
       data: a :class:`fnbackprop.Dataset` to train on instead of loading ``config.dataset``
         (its ``name`` becomes the config's ``dataset``).
@@ -137,18 +161,17 @@ def train(config: TrainConfig | None = None, *, out: str | None = None, resume: 
         initialize_distributed`); an int k: the first k devices; a sequence of devices; or a
         one-axis ``jax.sharding.Mesh``. The result equals a one-device run to float rounding.
       parallel: ``"sharding"`` (one ``jit`` partitioned by XLA over a data mesh; any batch
-        size) or ``"pmap"`` (the devices' gradient sums added with ``psum``; the batch size must
-        be divisible by the device count; dropout masks and augmentation are drawn per device,
-        so with those a pmap run is statistically, not bitwise, equal).
+        size) or ``"pmap"`` (the devices' gradient sums added with ``psum``; a shuffled batch
+        size must be divisible by the device count; dropout masks and augmentation are drawn
+        per device, so with those a pmap run is statistically, not bitwise, equal).
       **overrides: :class:`TrainConfig` fields.
 
     Returns:
       A :class:`TrainResult`.
 
     Raises:
-      ValueError: a bad setting, a non-empty ``out`` without ``resume``, a checkpoint written
-        with another configuration, or bad data (:class:`fnbackprop.DataError`), all before any
-        training.
+      ValueError: a bad setting, a non-empty ``out`` without ``resume``, a folder holding
+        another run, or bad data (:class:`fnbackprop.DataError`), all before any training.
       Interrupted: SIGINT/SIGTERM arrived; the state after the current epoch was saved.
     """
     config = make_config(config, overrides, data)
@@ -163,20 +186,21 @@ def train(config: TrainConfig | None = None, *, out: str | None = None, resume: 
     prep = prepare(config, ds, device_list, parallel)
     if out is not None and primary:
         folder.claim(out, ident)
+    epsilons = accounting.EpsilonSchedule(prep.privacy, config.epochs) if prep.privacy else None
     arrays = device_data(prep)
-    run = _fresh(prep)
-    store, resumed_from = _open_store(out, resume, config), None
+    run, resumed_from = _fresh(prep), None
+    store = _open_store(out, resume, config)
     try:
         if isinstance(store, CheckpointStore) and store.steps():
             run, resumed_from = _restore(store, run, prep, ident)
         t0 = time.perf_counter()
         compiled = _compile(run, prep, arrays)
         compile_s = time.perf_counter() - t0
-        run = _epochs(run, prep, arrays, compiled, out, store, progress, ident)
+        session = Session(prep, arrays, compiled, out, store, ident, epsilons)
+        run = _epochs(run, session, progress)
     finally:
         _close(store)
-    return _finish(run, prep, compiled, arrays, out, primary,
-                   dict(compile_time_s=compile_s, resumed_from_epoch=resumed_from))
+    return _finish(run, session, dict(compile_time_s=compile_s, resumed_from_epoch=resumed_from))
 
 
 def _fresh(prep: Prepared) -> RunState:
@@ -194,14 +218,14 @@ def _open_store(out, resume: bool, config: TrainConfig):
     to come (a future), or ``None`` without checkpoints."""
     if out is None:
         return None
-    folder = _ckpt_dir(out)
-    if resume and os.path.isdir(folder):
-        return CheckpointStore(folder, keep=config.keep_checkpoints)
+    path = _ckpt_dir(out)
+    if resume and os.path.isdir(path):
+        return CheckpointStore(path, keep=config.keep_checkpoints)
     if config.checkpoint_every == 0:
         return None
     if jax.process_count() > 1:  # orbax coordinates the processes: keep it on the main thread
-        return CheckpointStore(folder, keep=config.keep_checkpoints)
-    return open_in_background(folder, keep=config.keep_checkpoints)
+        return CheckpointStore(path, keep=config.keep_checkpoints)
+    return open_in_background(path, keep=config.keep_checkpoints)
 
 
 def _close(store) -> None:
@@ -212,8 +236,7 @@ def _close(store) -> None:
 def _compile(run: RunState, prep: Prepared, arrays: DeviceData) -> Compiled:
     """The epoch and the evaluation, compiled ahead of time (so their time is measured apart)."""
     local = [d for d in prep.devices if d.process_index == jax.process_index()]
-    n = int(prep.data.x_train.shape[0])
-    batches = _put_batches(prep, shuffled_batches(prep.config.seed, 0, n, prep.batch))
+    batches = _put_batches(prep, epoch_batches(prep.batching, prep.config.seed, 0))
     epoch = compile_epoch(prep.spec, (run.train, *batches, arrays.x, arrays.y), local) \
         if run.stop_reason is None and run.epoch < prep.config.epochs else None
     evaluate = compile_evaluate(prep.net, prep.task, run.train.params, arrays.sets)
@@ -222,35 +245,32 @@ def _compile(run: RunState, prep: Prepared, arrays: DeviceData) -> Compiled:
 
 def _put_batches(prep: Prepared, batches) -> tuple:
     """The epoch's ``(idx, mask)`` on the devices (replicated on the mesh under sharding)."""
-    from fnbackprop import parallel as parallel_lib
-
     if prep.spec.mode == "sharding":
         return parallel_lib.replicate(prep.spec.mesh, (batches.idx, batches.mask))
     return batches.idx, batches.mask
 
 
-def _epochs(run: RunState, prep: Prepared, arrays: DeviceData, compiled: Compiled, out, store,
-            progress: bool, ident: dict) -> RunState:
+def _epochs(run: RunState, session: Session, progress: bool) -> RunState:
     """Runs the remaining epochs, saving as the policy says; returns the final state."""
-    config = prep.config
-    if compiled.epoch is None:
+    config, out = session.prep.config, session.out
+    if session.compiled.epoch is None:
         return run._replace(stop_reason=run.stop_reason or "finished")
     bar = _progress_bar(config, run.epoch) if progress else None
     last_save = last_write = time.monotonic()
     with _SignalFlag() as signals:
         while run.stop_reason is None:
-            run = _one_epoch(run, prep, arrays, compiled)
+            run = _one_epoch(run, session)
             if out is not None and jax.process_index() == 0 and (
                     time.monotonic() - last_write >= 1.0 or signals.signum is not None):
                 outputs.write_history(out, run.history)  # live, at most once a second
                 last_write = time.monotonic()
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=_fmt(run.history[-1]["train_loss"]), refresh=False)
+                bar.set_postfix(loss=_fmt(_watched_loss(run.history[-1])), refresh=False)
             stopping = run.stop_reason is not None or signals.signum is not None
-            if store is not None and not run.diverged and _save_due(config, run, last_save,
-                                                                    stopping):
-                _save(store, run, ident)
+            if session.store is not None and not run.diverged and _save_due(
+                    config, run, last_save, stopping):
+                _save(session.store, run, session.ident)
                 last_save = time.monotonic()
             if signals.signum is not None and run.stop_reason is None:
                 raise Interrupted(signals.signum, run.epoch)
@@ -259,23 +279,37 @@ def _epochs(run: RunState, prep: Prepared, arrays: DeviceData, compiled: Compile
     return run
 
 
-def _one_epoch(run: RunState, prep: Prepared, arrays: DeviceData, compiled: Compiled) -> RunState:
+def _one_epoch(run: RunState, session: Session) -> RunState:
     """One epoch of training, its evaluation, and the early-stopping/divergence decision."""
-    n = int(prep.data.x_train.shape[0])
+    prep, arrays, compiled = session.prep, session.arrays, session.compiled
     t0 = time.perf_counter()
-    batches = _put_batches(prep, shuffled_batches(prep.config.seed, run.epoch, n, prep.batch))
-    state, stats = compiled.epoch(run.train, *batches, arrays.x, arrays.y)
+    batches = epoch_batches(prep.batching, prep.config.seed, run.epoch)
+    state, stats = compiled.epoch(run.train, *_put_batches(prep, batches), arrays.x, arrays.y)
     stats = jax.device_get(stats)
     jax.block_until_ready(state)
     seconds = time.perf_counter() - t0
-    metric = "accuracy" if prep.task == "classification" else "r2"
-    evals = {}
-    for name, (loss, value) in zip(arrays.names, jax.device_get(
-            compiled.evaluate(state.params, arrays.sets))):
-        evals[f"{name}_loss"], evals[f"{name}_{metric}"] = float(loss), float(value)
     lr = make_schedule(prep.spec.optimizer)(run.epoch * prep.steps_per_epoch)
-    entry = outputs.epoch_entry(run.epoch + 1, evals, stats, lr, seconds)
+    entry = outputs.epoch_entry(run.epoch + 1, _evaluations(session, state.params), stats, lr,
+                                seconds, diagnostics=prep.config.logs_training_data)
+    if session.epsilons is not None:
+        entry["epsilon"] = session.epsilons.get(run.epoch + 1)
+    run = run._replace(truncated_batches=run.truncated_batches + batches.truncated)
     return _advance(run, state, entry, prep)
+
+
+def _evaluations(session: Session, params) -> dict:
+    """``{"test_loss": ..., "test_accuracy": ..., ...}`` of ``params`` on every set."""
+    metric = "accuracy" if session.prep.task == "classification" else "r2"
+    evals = {}
+    for name, (loss, value) in zip(session.arrays.names, jax.device_get(
+            session.compiled.evaluate(params, session.arrays.sets))):
+        evals[f"{name}_loss"], evals[f"{name}_{metric}"] = float(loss), float(value)
+    return evals
+
+
+def _watched_loss(entry: dict):
+    """The loss that tells divergence: training loss, or test loss when it is not logged."""
+    return entry["train_loss"] if "train_loss" in entry else entry["test_loss"]
 
 
 def _advance(run: RunState, state: TrainState, entry: dict, prep: Prepared) -> RunState:
@@ -283,10 +317,10 @@ def _advance(run: RunState, state: TrainState, entry: dict, prep: Prepared) -> R
     epoch = run.epoch + 1
     spent = run.train_time_s + entry["epoch_time_s"]
     ok_steps = entry["steps"] - entry["skipped_steps"]
-    if entry["train_loss"] is None or ok_steps == 0:  # diverged: keep the last good state
+    if _watched_loss(entry) is None or ok_steps == 0:  # diverged: keep the last good state
         keep_best = prep.val is not None and run.best_epoch > 0
         why = ("every step was skipped (non-finite gradients)" if ok_steps == 0
-               else "the training loss is not finite")
+               else f"the {'training' if 'train_loss' in entry else 'test'} loss is not finite")
         kept = run.best_epoch if keep_best else epoch - 1
         return run._replace(
             epoch=epoch, train_time_s=spent, history=run.history + ({**entry, "diverged": True},),
@@ -332,27 +366,26 @@ def _restore(store: CheckpointStore, template: RunState, prep: Prepared, ident: 
         extra, ident, store.directory))
     run = restored.state
     if prep.spec.mode == "sharding":
-        from fnbackprop import parallel as parallel_lib
-
         run = run._replace(train=parallel_lib.replicate(prep.spec.mesh, run.train))
     for path in restored.unreadable:
-        import warnings
-
         warnings.warn(f"checkpoint {os.path.basename(path)} could not be read (moved to {path}); "
                       f"resuming from the checkpoint of epoch {restored.step}", stacklevel=3)
     return run, restored.step
 
 
-def _finish(run: RunState, prep: Prepared, compiled: Compiled, arrays: DeviceData, out,
-            primary: bool, facts: dict) -> TrainResult:
-    """The final evaluation, ``summary.json``, the history and the plots."""
+def _finish(run: RunState, session: Session, facts: dict) -> TrainResult:
+    """The final evaluation, ``summary.json`` (with the privacy block of a private run), the
+    history and the plots."""
+    prep, out = session.prep, session.out
     final = run.best_params if (prep.val is not None or run.diverged) else run.train.params
-    evals = dict(zip(arrays.names, (tuple(map(float, e)) for e in jax.device_get(
-        compiled.evaluate(final, arrays.sets)))))
+    if session.epsilons is not None:  # fill in the ε the worker had not computed yet
+        eps = session.epsilons.result()
+        run = run._replace(history=tuple({**h, "epsilon": eps[h["epoch"] - 1]}
+                                         for h in run.history))
+    evals = dict(zip(session.arrays.names, (tuple(map(float, e)) for e in jax.device_get(
+        session.compiled.evaluate(final, session.arrays.sets)))))
     spec, ds = prep.spec, prep.data
-    metric = "accuracy" if prep.task == "classification" else "r2"
-    summary = outputs.summary(config=prep.config.to_dict(), task=prep.task, metric=metric,
-                              final=evals, history=run.history, fields={
+    fields = {
         "best_epoch": run.best_epoch if run.history else 0,
         "stop_reason": run.stop_reason,
         "diverged": run.diverged,
@@ -364,18 +397,24 @@ def _finish(run: RunState, prep: Prepared, compiled: Compiled, arrays: DeviceDat
         "n_train": int(ds.x_train.shape[0]),
         "n_val": int(prep.val[0].shape[0]) if prep.val is not None else 0,
         "n_test": int(ds.x_test.shape[0]),
-        "batch_size": spec.batch,
+        "batch_size": prep.batch,
         "steps_per_epoch": prep.steps_per_epoch,
         "devices": len(prep.devices),
         "device_kinds": sorted({f"{d.platform}:{getattr(d, 'device_kind', '?')}"
                                 for d in prep.devices}),
         "parallel": spec.mode if spec.mode != "single" else None,
         "processes": jax.process_count(),
-    })
-    if out is not None and primary:
+    }
+    if prep.privacy is not None:
+        epsilon = run.history[-1]["epsilon"] if run.history else 0.0
+        fields["privacy"] = accounting.privacy_block(
+            prep.privacy, epsilon, run.epoch * prep.steps_per_epoch, prep.config,
+            run.truncated_batches)
+    summary = outputs.summary(config=prep.config.to_dict(), task=prep.task,
+                              final=evals, history=run.history, fields=fields)
+    if out is not None and jax.process_index() == 0:
         from fnbackprop.diagnostics import plot_history
 
-        os.makedirs(out, exist_ok=True)
         outputs.write_history(out, run.history)
         outputs.write_json(os.path.join(out, "summary.json"), summary)
         plot_history(run.history, out, task=prep.task)

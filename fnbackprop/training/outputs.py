@@ -74,7 +74,8 @@ def write_history(out: str, history) -> None:
                  "".join(json.dumps(json_ready(h)) + "\n" for h in history))
 
 
-def epoch_entry(epoch: int, evals: dict, stats, lr: float, seconds: float) -> dict:
+def epoch_entry(epoch: int, evals: dict, stats, lr: float, seconds: float,
+                diagnostics: bool = True) -> dict:
     """One line of ``metrics.jsonl``.
 
     Args:
@@ -83,46 +84,44 @@ def epoch_entry(epoch: int, evals: dict, stats, lr: float, seconds: float) -> di
       stats: the epoch's :class:`fnbackprop.training.step.EpochStats` (on the host).
       lr: the schedule's value at the epoch's first step.
       seconds: the epoch's wall time (training steps only).
+      diagnostics: include what the steps measured on the training data (the batch loss, the
+        gradient and δ norms).
     """
     ok, n = int(stats.ok_steps), int(stats.examples)
-    return json_ready({
-        "epoch": epoch,
-        **evals,
-        "train_batch_loss": float(stats.loss_sum) / n if n else math.nan,
-        "grad_norm": [float(v) / ok if ok else math.nan for v in stats.grad_norm],
-        "delta_norm": [float(v) / n if n else math.nan for v in stats.delta_sum],
-        "skipped_steps": int(stats.skipped),
-        "steps": ok + int(stats.skipped),
-        "lr": float(lr),
-        "epoch_time_s": seconds,
-    })
+    entry = {"epoch": epoch, **evals}
+    if diagnostics:
+        entry["train_batch_loss"] = float(stats.loss_sum) / n if n else math.nan
+        entry["grad_norm"] = [float(v) / ok if ok else math.nan for v in stats.grad_norm]
+        entry["delta_norm"] = [float(v) / n if n else math.nan for v in stats.delta_sum]
+    return json_ready({**entry, "skipped_steps": int(stats.skipped),
+                       "steps": ok + int(stats.skipped), "lr": float(lr),
+                       "epoch_time_s": seconds})
 
 
-def summary(*, config: dict, task: str, metric: str, final: dict, history, fields: dict) -> dict:
+def summary(*, config: dict, task: str, final: dict, history, fields: dict) -> dict:
     """``summary.json``: the final evaluation, the run's facts (``fields``) and its config.
 
     Args:
       config: the configuration as JSON (:meth:`fnbackprop.TrainConfig.to_dict`).
       task: ``"classification"`` or ``"regression"``.
-      metric: ``"accuracy"`` or ``"r2"``.
-      final: ``{"train": (loss, metric), "test": ..., "val": ...}`` of the returned parameters.
+      final: ``{"test": (loss, metric), "train": ..., "val": ...}`` of the returned parameters
+        (``train`` and ``val`` when they were evaluated).
       history: the per-epoch entries.
       fields: everything else to record (times, sizes, devices, ...).
     """
-    out = {
-        "dataset": config["dataset"],
-        "task": task,
-        f"test_{metric}": final["test"][1],
-        "test_loss": final["test"][0],
-        "final_train_loss": final["train"][0],
-        f"final_train_{metric}": final["train"][1],
+    metric = "accuracy" if task == "classification" else "r2"
+    out = {"dataset": config["dataset"], "task": task,
+           f"test_{metric}": final["test"][1], "test_loss": final["test"][0]}
+    if "train" in final:
+        out["final_train_loss"], out[f"final_train_{metric}"] = final["train"]
+    if "val" in final:
+        out["val_loss"], out[f"val_{metric}"] = final["val"]
+    out.update({
         "epochs_run": len(history),
         "skipped_steps": sum(h["skipped_steps"] for h in history),
         **fields,
         "jax_version": jax.__version__,
         "finished_at": datetime.datetime.now().isoformat(timespec="seconds"),
         "config": config,
-    }
-    if "val" in final:
-        out[f"val_{metric}"], out["val_loss"] = final["val"][1], final["val"][0]
+    })
     return json_ready(out)

@@ -21,7 +21,9 @@ from fnbackprop.gradcheck import GradCheckReport, check_gradients
 from fnbackprop.network import MLP, init
 from fnbackprop.training import memory
 from fnbackprop.training.config import TEST_SPLIT_SEED, TrainConfig, make_config
-from fnbackprop.training.sampling import batch_plan, shuffled_batches
+from fnbackprop.training import accounting
+from fnbackprop.training.accounting import PrivacyPlan
+from fnbackprop.training.sampling import Batching, batching, epoch_batches
 from fnbackprop.training.step import OptimizerSpec, StepSpec, TrainState, make_optimizer
 
 __all__ = ["Prepared", "DeviceData", "prepare", "device_data", "initial_state", "run_keys",
@@ -38,8 +40,9 @@ class Prepared(NamedTuple):
       val: the standardised ``(x_val, y_val)`` or ``None``.
       net: the network.
       dtype: the floating dtype.
-      steps_per_epoch: steps of one epoch.
+      batching: how the run batches its examples.
       spec: the :class:`~fnbackprop.training.step.StepSpec` of the compiled epoch.
+      privacy: the :class:`~fnbackprop.training.accounting.PrivacyPlan` of a run with DP noise.
       devices: the devices of the run.
     """
 
@@ -48,13 +51,19 @@ class Prepared(NamedTuple):
     val: tuple[np.ndarray, np.ndarray] | None
     net: Any
     dtype: Any
-    steps_per_epoch: int
+    batching: Batching
     spec: StepSpec
+    privacy: PrivacyPlan | None
     devices: list
 
     @property
     def batch(self) -> int:
-        return self.spec.batch
+        """The batch size (Poisson: the expected one)."""
+        return self.batching.batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.batching.steps
 
     @property
     def task(self) -> str:
@@ -125,29 +134,39 @@ def prepare(config: TrainConfig, ds, devices: list, parallel: str = "sharding") 
     ds, val, _ = data_lib.standardize(ds, val)
     net = build_network(config, ds)
     n = int(ds.x_train.shape[0])
-    batch = n if config.batch_size == "full" else min(int(config.batch_size), n)
-    steps, padded = batch_plan(n, batch)
     mode = "single" if len(devices) == 1 else ("sharding" if parallel == "sharding" else "pmap")
-    if mode == "pmap":
-        parallel_lib.check_divisible(batch, len(devices))
-    rows = (n, 0 if val is None else len(val[0]), int(ds.x_test.shape[0]))
-    memory.check_fits(memory.estimate(
-        net, jnp.dtype(config.dtype), batch=-(-batch // len(devices)), optimizer=config.optimizer,
-        set_rows=rows, features=ds.num_features),
-        next(d for d in devices if d.process_index == jax.process_index()))
-    kind = ds.augment_kind if config.augment else "none"
-    opt = OptimizerSpec(config.optimizer, float(config.lr), config.schedule,
-                        config.epochs * steps if config.schedule != "constant" else 0,
-                        config.clip_norm, config.clip_value)
+    d = len(devices) if mode == "pmap" else 1
+    plan = batching(n, config.batch_size, poisson=config.poisson, epochs=config.epochs,
+                    multiple=d * (config.physical_batch_size or 1))
+    if mode == "pmap" and not plan.poisson:
+        parallel_lib.check_divisible(plan.batch, d)
+    _check_memory(config, net, ds, val, plan.rows, devices)
+    privacy = accounting.plan(config, plan) if config.private else None
     spec = StepSpec(
-        net=net, optimizer=opt, l1=float(config.l1), l2=float(config.l2),
-        dropout=float(config.dropout), per_example_clip=config.per_example_clip,
-        noise_multiplier=float(config.noise_multiplier), gradient=config.gradient,
-        augment=kind, image_shape=ds.image_shape if kind == "shift_noise" else None,
-        batch=batch, masked=padded, mode=mode,
-        devices=len(devices) if mode == "pmap" else 1,
+        net=net, optimizer=OptimizerSpec(
+            config.optimizer, float(config.lr), config.schedule,
+            config.epochs * plan.steps if config.schedule != "constant" else 0,
+            config.clip_norm, config.clip_value),
+        l1=float(config.l1), l2=float(config.l2), dropout=float(config.dropout),
+        per_example_clip=config.per_example_clip,
+        noise_multiplier=privacy.noise_multiplier if privacy else 0.0,
+        gradient=config.gradient, augment=ds.augment_kind if config.augment else "none",
+        image_shape=ds.image_shape if config.augment else None,
+        batch=plan.rows, masked=plan.masked,
+        denominator=float(plan.batch) if plan.poisson else None,
+        physical_batch=config.physical_batch_size, skip_non_finite=not config.private,
+        diagnostics=config.logs_training_data, mode=mode, devices=d,
         mesh=parallel_lib.data_mesh(devices) if mode == "sharding" else None)
-    return Prepared(config, ds, val, net, jnp.dtype(config.dtype), steps, spec, list(devices))
+    return Prepared(config, ds, val, net, jnp.dtype(config.dtype), plan, spec, privacy,
+                    list(devices))
+
+
+def _check_memory(config, net, ds, val, rows: int, devices) -> None:
+    sets = (int(ds.x_train.shape[0]), 0 if val is None else len(val[0]), int(ds.x_test.shape[0]))
+    memory.check_fits(memory.estimate(
+        net, jnp.dtype(config.dtype), batch=-(-rows // len(devices)), optimizer=config.optimizer,
+        set_rows=sets, features=ds.num_features),
+        next(d for d in devices if d.process_index == jax.process_index()))
 
 
 @jax.jit
@@ -190,8 +209,7 @@ def check_first_batch(config: TrainConfig | None = None, *, data=None, max_fd_pe
     check_x64(config)
     prep = prepare(config, data if data is not None else load_data(config), jax.devices()[:1])
     params = initial_state(prep).params
-    n = prep.data.x_train.shape[0]
-    first = shuffled_batches(config.seed, 0, n, prep.batch)
+    first = epoch_batches(prep.batching, config.seed, 0)
     rows = first.idx[0] if first.mask is None else first.idx[0][first.mask[0]]
     x, y = np.asarray(prep.data.x_train)[rows], np.asarray(prep.data.y_train)[rows]
     # The first step's dropout key, as the step derives it (fnbackprop.training.step).
@@ -231,14 +249,16 @@ class DeviceData(NamedTuple):
 
 
 def device_data(prep: Prepared) -> DeviceData:
-    """Puts the training, validation and test sets on the run's devices."""
+    """Puts the training, validation and test sets on the run's devices (the training set is
+    evaluated only when the run logs metrics of the training data)."""
     y_dtype = prep.dtype if prep.task == "regression" else jnp.int32
     pairs = [("train", prep.data.x_train, prep.data.y_train)]
     if prep.val is not None:
         pairs.append(("val", *prep.val))
     pairs.append(("test", prep.data.x_test, prep.data.y_test))
-    sets = tuple((jnp.asarray(np.asarray(x), prep.dtype), jnp.asarray(np.asarray(y), y_dtype))
-                 for _, x, y in pairs)
+    arrays = tuple((jnp.asarray(np.asarray(x), prep.dtype), jnp.asarray(np.asarray(y), y_dtype))
+                   for _, x, y in pairs)
     if prep.spec.mode == "sharding":
-        sets = parallel_lib.replicate(prep.spec.mesh, sets)
-    return DeviceData(sets[0][0], sets[0][1], tuple(name for name, _, _ in pairs), sets)
+        arrays = parallel_lib.replicate(prep.spec.mesh, arrays)
+    first = 0 if prep.config.logs_training_data else 1
+    return DeviceData(*arrays[0], tuple(name for name, _, _ in pairs[first:]), arrays[first:])

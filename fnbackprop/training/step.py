@@ -10,7 +10,9 @@ them, computes the gradient of the batch objective
 ``jax.grad`` (``gradient="autodiff"``) or per-example clipping
 (:func:`fnbackprop.clipped_grads_from_backward`: the same backward pass, per example), and
 applies the optax update. A step whose objective or gradient is not finite is skipped
-(parameters and optimizer state kept) and counted.
+(parameters and optimizer state kept) and counted — except with DP noise, where whether a step
+happens must not depend on the data: there an example whose gradient is not finite contributes
+nothing (see :func:`fnbackprop.clipped_grads_from_backward`) and every step is taken.
 
 An epoch is one ``lax.scan`` over its steps, compiled once per :class:`StepSpec`. Data
 parallelism (:mod:`fnbackprop.parallel`) wraps the gradient of the rows a device holds:
@@ -32,7 +34,7 @@ from fnbackprop.backprop import backward, grads_from_backward
 from fnbackprop.diagnostics import delta_norm_sums
 from fnbackprop.losses import penalty, penalty_grad, per_example_loss, prepare_targets
 from fnbackprop.network import Params, forward_trace
-from fnbackprop.per_example import clipped_grads_from_backward
+from fnbackprop.per_example import add_noise, clipped_grads_from_backward
 from fnbackprop.training.augmentation import augment
 from fnbackprop.training.config import MOMENTUM
 
@@ -108,6 +110,10 @@ class StepSpec(NamedTuple):
     image_shape: tuple[int, ...] | None = None
     batch: int = 1
     masked: bool = False
+    denominator: float | None = None  # of every step's mean; None: its number of real rows
+    physical_batch: int | None = None
+    skip_non_finite: bool = True
+    diagnostics: bool = True
     mode: str = "single"          # "single", "sharding" or "pmap"
     devices: int = 1              # pmap: the number of devices the batch is split over
     mesh: Any = None              # sharding: the data mesh
@@ -149,41 +155,85 @@ def _data_gradient(spec: StepSpec):
     """``(params, x, y, mask, denom, key) -> (loss_sum, grads, delta_sum, examples)``.
 
     Every output is a sum over the rows given, so the rows may be a device's shard: ``grads`` is
-    the gradient of ``Σ_i w_i ℓ_i`` (``w_i = m_i / denom``; clipped per example and noised under
-    ``per_example_clip``), ``loss_sum = Σ_i m_i ℓ_i``, ``delta_sum = Σ_i m_i ‖δ_i^l‖``.
+    the gradient of ``Σ_i w_i ℓ_i`` (``w_i = m_i / denom``), ``loss_sum = Σ_i m_i ℓ_i``,
+    ``delta_sum = Σ_i m_i ‖δ_i^l‖`` (zeros without diagnostics), ``examples = Σ_i m_i``.
     """
+    if spec.per_example_clip is not None:
+        return _clipped_gradient(spec)
     net = spec.net
-    noise = spec.noise_multiplier / spec.devices  # the devices' noises add up (same key)
 
     def data_gradient(params, x, y, mask, denom, key):
-        k_drop, k_noise = jax.random.split(key)  # the noise key is the same on every device
+        k_drop, _ = jax.random.split(key)
         if spec.mode == "pmap":  # each device draws the dropout masks of its own rows
             k_drop = jax.random.fold_in(k_drop, jax.lax.axis_index(parallel_lib.DATA_AXIS))
-        drop_key = k_drop if spec.dropout > 0 else None
         m = jnp.ones(x.shape[:1], x.dtype) if mask is None else mask.astype(x.dtype)
-        clip = spec.per_example_clip is not None
-        w = None if (clip or mask is None) else m / denom
-        bw = backward(net, params, x, y, dropout=spec.dropout, key=drop_key, weights=w)
-        out = bw.trace
-        y_t = prepare_targets(net, y, x.shape[0], out.a[-1].dtype)
-        losses = per_example_loss(net, out.z[-1], out.a[-1], y_t)
-        loss_sum = jnp.sum(losses if mask is None else jnp.where(mask, losses, 0.0))
-        delta_sum = delta_norm_sums(bw.delta)
-        if clip:
-            grads, _ = clipped_grads_from_backward(
-                net, params, bw, spec.per_example_clip, noise_multiplier=noise,
-                key=k_noise if noise > 0 else None, mask=mask, normalize_by=denom)
-        elif spec.gradient == "autodiff":
+        w = None if mask is None else m / denom
+        bw = backward(net, params, x, y, dropout=spec.dropout,
+                      key=k_drop if spec.dropout > 0 else None, weights=w)
+        y_t, loss_sum = _loss_sum(net, bw.trace, y, mask)
+        if spec.gradient == "autodiff":
             grads = jax.grad(lambda p: _weighted_loss(net, p, x, y_t, m / denom, bw.trace.masks)
                              )(params)
-        elif w is None:
-            grads = grads_from_backward(params, bw, scale=1.0 / denom)
         else:
-            grads = grads_from_backward(params, bw)
-            delta_sum = delta_sum * denom  # the deltas were weighted by m_i / denom
+            grads = grads_from_backward(params, bw, scale=None if w is not None else 1.0 / denom)
+        # The weighted deltas are w_i δ_i: Σ_i ‖w_i δ_i‖ · denom = Σ_i m_i ‖δ_i‖.
+        delta_sum = _delta_sums(spec, params, bw.delta) * (denom if w is not None else 1.0)
         return loss_sum, grads, delta_sum, jnp.sum(m)
 
     return data_gradient
+
+
+def _clipped_gradient(spec: StepSpec):
+    """:func:`_data_gradient` with per-example clipping (and DP noise): the rows are processed in
+    chunks of ``spec.physical_batch`` (all at once without it), their clipped sums accumulated,
+    and the noise is drawn once. Non-finite examples contribute nothing (nan-safe)."""
+    net, clip = spec.net, spec.per_example_clip
+    noise = spec.noise_multiplier / spec.devices  # the devices' noises add up (same key)
+
+    def chunk_sums(params, x, y, mask, denom):
+        bw = backward(net, params, x, y)
+        _, loss_sum = _loss_sum(net, bw.trace, y, mask)
+        grads, _ = clipped_grads_from_backward(net, params, bw, clip, mask=mask,
+                                               normalize_by=denom)
+        m = jnp.ones(x.shape[:1], x.dtype) if mask is None else mask.astype(x.dtype)
+        delta = bw.delta if mask is None else [d * m.reshape((-1,) + (1,) * (d.ndim - 1))
+                                               for d in bw.delta]
+        return loss_sum, grads, _delta_sums(spec, params, delta), jnp.sum(m)
+
+    def data_gradient(params, x, y, mask, denom, key):
+        rows, chunk = x.shape[0], spec.physical_batch
+        if chunk is None or chunk >= rows:
+            sums = chunk_sums(params, x, y, mask, denom)
+        else:
+            mask = jnp.ones((rows,), bool) if mask is None else mask
+            split = lambda v: v.reshape((rows // chunk, chunk) + v.shape[1:])  # noqa: E731
+            zero = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(
+                chunk_sums, params, x[:chunk], y[:chunk], mask[:chunk], denom))
+            sums, _ = jax.lax.scan(
+                lambda acc, c: (jax.tree_util.tree_map(jnp.add, acc,
+                                                       chunk_sums(params, *c, denom)), None),
+                zero, (split(x), split(y), split(mask)))
+        loss_sum, grads, delta_sum, examples = sums
+        if noise > 0:  # drawn once per step, from the same key on every device
+            grads = add_noise(grads, noise, clip, denom, jax.random.split(key)[1])
+        return loss_sum, grads, delta_sum, examples
+
+    return data_gradient
+
+
+def _loss_sum(net, trace, y, mask):
+    """``(targets, Σ_i m_i ℓ_i)`` from a forward trace."""
+    y_t = prepare_targets(net, y, y.shape[0], trace.a[-1].dtype)
+    losses = per_example_loss(net, trace.z[-1], trace.a[-1], y_t)
+    return y_t, jnp.sum(losses if mask is None else jnp.where(mask, losses, 0.0))
+
+
+def _delta_sums(spec: StepSpec, params, delta) -> jax.Array:
+    """``Σ_i ‖δ_i^l‖`` per layer with parameters, for the diagnostics (zeros when off)."""
+    delta = [d for d, p in zip(delta, params) if p]
+    if not spec.diagnostics:
+        return jnp.zeros((len(delta),), delta[0].dtype)
+    return delta_norm_sums(delta)
 
 
 def _weighted_loss(net, params, x, y_t, w, masks):
@@ -226,10 +276,12 @@ def make_epoch(spec: StepSpec, tx: optax.GradientTransformation | None = None):
                                                              k_grad)
         grads = _with_penalty(spec, state.params, grads)
         objective = loss_sum + examples * penalty(state.params, spec.l1, spec.l2)
-        sq_w = jnp.stack([jnp.sum(g["w"] * g["w"]) for g in grads])
-        sq_b = jnp.stack([jnp.sum(g["b"] * g["b"]) for g in grads])
-        # A sum of squares is finite iff every entry is (short of overflowing the float range).
-        ok = jnp.isfinite(objective + jnp.sum(sq_w) + jnp.sum(sq_b))
+        dt = objective.dtype
+        if spec.diagnostics or spec.skip_non_finite:
+            sq_w = jnp.stack([jnp.sum(g["w"] * g["w"]) for g in grads if g])
+            sq_b = jnp.stack([jnp.sum(g["b"] * g["b"]) for g in grads if g])
+        else:
+            sq_w = sq_b = jnp.zeros((sum(1 for g in grads if g),), dt)
 
         def apply(po):
             params, opt_state = po
@@ -237,8 +289,14 @@ def make_epoch(spec: StepSpec, tx: optax.GradientTransformation | None = None):
             new = (optax.apply_updates(params, updates), new_opt)
             return jax.tree_util.tree_map(lambda n, o: n.astype(o.dtype), new, po)
 
-        params, opt_state = jax.lax.cond(ok, apply, lambda po: po, (state.params, state.opt_state))
-        dt = objective.dtype
+        if spec.skip_non_finite:
+            # A sum of squares is finite iff every entry is (short of overflowing the range).
+            ok = jnp.isfinite(objective + jnp.sum(sq_w) + jnp.sum(sq_b))
+            params, opt_state = jax.lax.cond(ok, apply, lambda po: po,
+                                             (state.params, state.opt_state))
+        else:  # DP: whether a step happens must not depend on the data
+            ok = jnp.asarray(True)
+            params, opt_state = apply((state.params, state.opt_state))
         kept = lambda v: jnp.where(ok, v, jnp.zeros_like(v))  # noqa: E731
         stats = EpochStats(kept(objective), kept(examples).astype(jnp.int32),
                            kept(jnp.sqrt(sq_w)).astype(dt), kept(delta_sum).astype(dt),
@@ -253,8 +311,12 @@ def make_epoch(spec: StepSpec, tx: optax.GradientTransformation | None = None):
             idx, mask_local = take(idx), (None if mask is None else take(mask))
         else:
             mask_local = mask
-        real = (jnp.full((idx.shape[0],), spec.batch, x.dtype) if mask is None
-                else jnp.sum(mask, axis=1).astype(x.dtype))  # D of each (global) step
+        if spec.denominator is not None:  # Poisson: the expected batch size
+            real = jnp.full((idx.shape[0],), spec.denominator, x.dtype)
+        elif mask is None:
+            real = jnp.full((idx.shape[0],), spec.batch, x.dtype)
+        else:  # the real rows of each (global) step
+            real = jnp.sum(mask, axis=1).astype(x.dtype)
 
         def body(state, s):
             rows, m, denom = s

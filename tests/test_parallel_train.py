@@ -42,7 +42,7 @@ def test_eight_devices_equal_one(single, parallel):
 
 @pytest.mark.parametrize("parallel", ["sharding", "pmap"])
 def test_per_example_clipping_with_noise_equal_across_devices(parallel):
-    kw = dict(KW, per_example_clip=0.5, noise_multiplier=0.3, epochs=2)
+    kw = dict(KW, per_example_clip=0.5, noise_multiplier=0.3, epochs=2, train_metrics=True)
     one = fb.train(**kw)
     many = fb.train(devices=8, parallel=parallel, **kw)
     ref = one.summary["final_train_loss"]

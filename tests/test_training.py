@@ -163,7 +163,7 @@ def test_epoch_gradients_add_up_to_the_full_batch_gradient(spirals, batch_size):
     x = jnp.asarray(prep.data.x_train, jnp.float64)
     y = jnp.asarray(prep.data.y_train)
     epoch = jax.jit(S.make_epoch(prep.spec, tx))
-    out, stats = epoch(state, *shuffled_batches(5, 0, 50, prep.batch), x, y)
+    out, stats = epoch(state, *shuffled_batches(5, 0, 50, prep.batch)[:2], x, y)
     total, last, first, count = out.opt_state
     n, b = 50, prep.batch
     nb, rem = divmod(n, b)
@@ -180,8 +180,8 @@ def test_epoch_gradients_add_up_to_the_full_batch_gradient(spirals, batch_size):
             np.testing.assert_allclose(summed[l][k] / n, full[l][k], rtol=1e-11, atol=1e-14)
     # The epoch's permutation is a function of (seed, epoch): same epoch, same first batch;
     # the next epoch reshuffles (unless it is full batch).
-    again, _ = epoch(state, *shuffled_batches(5, 0, 50, prep.batch), x, y)
-    nxt, _ = epoch(state, *shuffled_batches(5, 1, 50, prep.batch), x, y)
+    again, _ = epoch(state, *shuffled_batches(5, 0, 50, prep.batch)[:2], x, y)
+    nxt, _ = epoch(state, *shuffled_batches(5, 1, 50, prep.batch)[:2], x, y)
     same = np.array_equal(_flat(again.opt_state[2]), _flat(first))
     differs = not np.array_equal(_flat(nxt.opt_state[2]), _flat(first))
     assert same
@@ -268,13 +268,13 @@ def test_non_finite_steps_are_skipped_and_counted(xor):
     y = jnp.asarray(prep.data.y_train)
     epoch = jax.jit(S.make_epoch(prep.spec))
     for e in range(2):
-        state, stats = epoch(state, *shuffled_batches(0, e, 40, 10), x, y)
+        state, stats = epoch(state, *shuffled_batches(0, e, 40, 10)[:2], x, y)
         assert int(stats.skipped) == 1 and int(stats.ok_steps) == 3
         assert int(stats.examples) == 30
         assert np.all(np.isfinite(_flat(state.params)))
     # Every step non-finite: everything skipped, nothing moves.
     before = _flat(state.params)
-    state2, stats = epoch(state, *shuffled_batches(0, 2, 40, 10), jnp.full_like(x, jnp.nan), y)
+    state2, stats = epoch(state, *shuffled_batches(0, 2, 40, 10)[:2], jnp.full_like(x, jnp.nan), y)
     assert int(stats.skipped) == 4 and int(stats.ok_steps) == 0
     np.testing.assert_array_equal(_flat(state2.params), before)
 

@@ -27,6 +27,7 @@ __all__ = [
     "DATASET_DEFAULTS",
     "GENERIC_DEFAULTS",
     "DEFAULTED_FIELDS",
+    "SAVING_FIELDS",
     "MOMENTUM",
     "TEST_SPLIT_SEED",
 ]
@@ -48,6 +49,9 @@ DEFAULTED_FIELDS: tuple[str, ...] = (
     "hidden", "activation", "init", "optimizer", "lr", "batch_size", "epochs",
 )
 """The :class:`TrainConfig` fields whose ``None`` means "the dataset's default"."""
+
+SAVING_FIELDS: tuple[str, ...] = ("checkpoint_every", "checkpoint_seconds", "keep_checkpoints")
+"""The fields that say how a run is saved, not what it computes: a resumed run may change them."""
 
 GENERIC_DEFAULTS = MappingProxyType(dict(
     hidden=(64, 64), activation="relu", init="he_normal", optimizer="adam", lr=1e-3,

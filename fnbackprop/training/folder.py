@@ -15,6 +15,7 @@ import tempfile
 
 from fnbackprop import data as data_lib
 from fnbackprop.training.checkpoint import CheckpointError
+from fnbackprop.training.config import SAVING_FIELDS
 from fnbackprop.training.outputs import write_json
 
 __all__ = ["MANIFEST", "identity", "check_out", "check_same_run", "check_reuse", "claim"]
@@ -24,8 +25,11 @@ MANIFEST = "run.json"
 
 
 def identity(config, ds) -> dict:
-    """What makes a run the same run: its configuration (JSON) and its data's fingerprint."""
-    return {"config": config.to_dict(), "data": data_lib.fingerprint(ds)}
+    """What makes a run the same run: its configuration (JSON, without the fields that only say
+    how it is saved, :data:`~fnbackprop.training.config.SAVING_FIELDS`) and its data's
+    fingerprint."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in SAVING_FIELDS}
+    return {"config": settings, "data": data_lib.fingerprint(ds)}
 
 
 def check_out(out, resume: bool) -> None:

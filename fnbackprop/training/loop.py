@@ -261,8 +261,9 @@ def _epochs(run: RunState, session: Session, progress: bool) -> RunState:
         while run.stop_reason is None:
             run = _one_epoch(run, session)
             if out is not None and jax.process_index() == 0 and (
-                    time.monotonic() - last_write >= 1.0 or signals.signum is not None):
-                outputs.write_history(out, run.history)  # live, at most once a second
+                    len(run.history) == 1 or signals.signum is not None
+                    or time.monotonic() - last_write >= 1.0):
+                outputs.write_history(out, run.history)  # live: at most once a second
                 last_write = time.monotonic()
             if bar is not None:
                 bar.update(1)

@@ -54,6 +54,29 @@ def _hidden_widths(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _conv_layers(text: str) -> tuple[tuple[int, int, int], ...]:
+    if text.strip().lower() == "none":
+        return ()
+    layers = []
+    for item in text.split(","):
+        parts = item.strip().split(":")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            values = []
+        if len(values) not in (2, 3) or min(values) < 1:
+            raise argparse.ArgumentTypeError(
+                f"--conv: {item.strip()!r} in {text!r} is not CHANNELS:KERNEL[:STRIDE] with "
+                "integers ≥ 1 (e.g. 25:5 or 25:5:2), or 'none'")
+        layers.append(tuple(values) + (1,) * (3 - len(values)))
+    return tuple(layers)
+
+
+def _conv_text(conv) -> str:
+    """``((25, 5, 1), (25, 5, 2))`` as the flag writes it: ``25:5,25:5:2``."""
+    return ",".join(f"{c}:{k}" + (f":{s}" if s != 1 else "") for c, k, s in conv) or "none"
+
+
 def _train_epilog() -> str:
     from fnbackprop.training.config import DATASET_DEFAULTS, GENERIC_DEFAULTS
 
@@ -64,7 +87,8 @@ def _train_epilog() -> str:
     main = ("hidden", "activation", "init", "optimizer", "lr", "batch_size", "epochs")
     for name, d in rows:
         hidden = ",".join(str(h) for h in d["hidden"]) or "none"
-        other = ", ".join(f"{k}={v}" for k, v in d.items() if k not in main) or "-"
+        other = ", ".join(f"{k}={_conv_text(v) if k == 'conv' else v}" for k, v in d.items()
+                          if k not in main) or "-"
         lines.append(f"  {name:<14} {hidden:<9} {d['activation']:<10} {d['init']:<13} "
                      f"{d['optimizer']:<9} {d['lr']:<6g} {d['batch_size']!s:<5} {d['epochs']!s:<6} "
                      f"{other}")
@@ -83,7 +107,7 @@ def _train_epilog() -> str:
 
 
 TRAIN_FIELDS = (
-    "dataset", "target", "task", "hidden", "activation", "init", "optimizer", "lr", "schedule",
+    "dataset", "target", "task", "conv", "hidden", "activation", "init", "optimizer", "lr", "schedule",
     "batch_size", "epochs", "l1", "l2", "dropout", "clip_norm", "clip_value", "per_example_clip",
     "noise_multiplier", "target_epsilon", "delta", "accountant", "sampling",
     "physical_batch_size", "train_metrics", "early_stopping", "val_fraction", "augment",
@@ -126,8 +150,14 @@ def add_parser(sub) -> None:
     a("--task", choices=("classification", "regression"),
       help="for a .npz/.csv file: classification or regression (default: guessed from the "
       "targets)")
+    a("--conv", type=_conv_layers, metavar="C:K[:S],...",
+      help="1-D convolution layers before the dense ones: channels C, kernel K, stride S "
+      "(default 1), SAME padding, the hidden activation, e.g. 25:5,25:5:2; 'none' for none; "
+      "for data with a signal shape such as mnist1d (default: per dataset; none when --hidden "
+      "is given)")
     a("--hidden", type=_hidden_widths, metavar="W1,W2,...",
-      help="hidden-layer widths, e.g. 64,64; 'none' for no hidden layer (default: per dataset)")
+      help="dense hidden-layer widths (after the convolutions), e.g. 64,64; 'none' for no "
+      "hidden layer (default: per dataset)")
     a("--activation", choices=HIDDEN_ACTIVATIONS,
       help="hidden activation (default: per dataset)")
     a("--init", choices=INIT_SCHEMES, help="initialisation (default: per dataset)")
@@ -313,13 +343,11 @@ def _cmd_train(args) -> int:
 
 def _config(args):
     """The run's :class:`fnbackprop.TrainConfig` from the flags (the dataset's defaults first)."""
-    import dataclasses
-
-    from fnbackprop.training import default_config
+    from fnbackprop.training.config import make_config
 
     given = {f: getattr(args, f) for f in TRAIN_FIELDS if hasattr(args, f)}
     try:
-        return dataclasses.replace(default_config(given.get("dataset", "digits")), **given)
+        return make_config(None, given)
     except ValueError as e:
         raise UsageError(str(e)) from None
 

@@ -114,7 +114,12 @@ class TrainConfig:
       target: ``.csv`` target column name (default: the last column).
       task: ``"classification"`` or ``"regression"`` for a user's file (``None``: guessed from
         the targets, see :func:`fnbackprop.load_dataset`).
-      hidden: hidden-layer widths, e.g. ``(64, 64)``; ``()`` for none (a linear model).
+      conv: 1-D convolution layers ``((channels, kernel, stride), ...)`` before the dense
+        layers (SAME padding, the hidden activation; :class:`fnbackprop.Conv1D`), for data whose
+        examples have a signal shape (``(length,)`` or ``(length, channels)``). ``None``: the
+        dataset's default when ``hidden`` is left ``None`` too, else none (a given dense
+        architecture is the whole architecture); ``()``: none.
+      hidden: dense hidden-layer widths, e.g. ``(64, 64)``; ``()`` for none.
       activation: hidden activation, one of :data:`fnbackprop.HIDDEN_ACTIVATIONS`.
       init: initialisation scheme, one of :data:`fnbackprop.INIT_SCHEMES`.
       optimizer: one of :data:`OPTIMIZERS`.
@@ -160,6 +165,7 @@ class TrainConfig:
     dataset: str = "digits"
     target: str | None = None
     task: str | None = None
+    conv: tuple[tuple[int, int, int], ...] | None = None
     hidden: tuple[int, ...] | None = None
     activation: str | None = None
     init: str | None = None
@@ -197,12 +203,19 @@ class TrainConfig:
                 object.__setattr__(self, "hidden", tuple(self.hidden))
             except TypeError:
                 pass
+        if self.conv is not None and not isinstance(self.conv, str):
+            try:
+                object.__setattr__(self, "conv", tuple(
+                    tuple(c) if isinstance(c, (list, tuple)) else c for c in self.conv))
+            except TypeError:
+                pass
         _validate(self)
 
     def to_dict(self) -> dict:
         """The JSON form (``summary.json``'s ``config``): tuples become lists."""
         d = dataclasses.asdict(self)
         d["hidden"] = list(d["hidden"]) if d["hidden"] is not None else None
+        d["conv"] = [list(c) for c in d["conv"]] if d["conv"] is not None else None
         return d
 
     @property
@@ -250,6 +263,11 @@ def _validate(c: TrainConfig) -> None:
     if c.hidden is not None:
         if not isinstance(c.hidden, tuple) or not all(_is_int(h) and h >= 1 for h in c.hidden):
             raise _bad("hidden", c.hidden, "a tuple of integers ≥ 1 (e.g. (64, 64)) or None")
+    if c.conv is not None and not (isinstance(c.conv, tuple) and all(
+            isinstance(l, tuple) and len(l) == 3 and all(_is_int(v) and v >= 1 for v in l)
+            for l in c.conv)):
+        raise _bad("conv", c.conv, "a tuple of (channels, kernel, stride) triples of integers "
+                   "≥ 1 (e.g. ((25, 5, 1), (25, 5, 2))), () or None")
     for name, allowed, optional in (
         ("activation", HIDDEN_ACTIVATIONS, True), ("init", INIT_SCHEMES, True),
         ("optimizer", OPTIMIZERS, True), ("schedule", SCHEDULES, False),
@@ -385,9 +403,12 @@ def default_config(dataset: str) -> TrainConfig:
 
 
 def fill_defaults(c: TrainConfig) -> TrainConfig:
-    """Fills the ``None`` fields of ``c`` (only those) from its dataset's defaults."""
+    """Fills the ``None`` fields of ``c`` (only those) from its dataset's defaults; ``conv``
+    only when ``hidden`` was left ``None`` as well (else it is ``()``)."""
     defaults = DATASET_DEFAULTS.get(c.dataset, GENERIC_DEFAULTS)
     fill = {k: defaults[k] for k in DEFAULTED_FIELDS if getattr(c, k) is None}
+    if c.conv is None:
+        fill["conv"] = defaults.get("conv", ()) if c.hidden is None else ()
     return dataclasses.replace(c, **fill) if fill else c
 
 
@@ -410,4 +431,6 @@ def make_config(config: TrainConfig | None, overrides: dict, data=None) -> Train
         overrides = {**overrides, "dataset": data.name}
     if config is None:
         config = default_config(overrides.get("dataset", TrainConfig.dataset))
+        if "hidden" in overrides and "conv" not in overrides:
+            overrides = {**overrides, "conv": ()}  # a dense architecture given in full
     return fill_defaults(dataclasses.replace(config, **overrides))

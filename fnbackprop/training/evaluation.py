@@ -15,14 +15,15 @@ __all__ = ["evaluate", "compile_evaluate"]
 
 
 def evaluate(net: Any, task: str, params: Params, sets) -> tuple:
-    """``((loss, metric), ...)`` of ``params`` on each ``(x, y)`` of ``sets``.
+    """``((loss, metric), ...)`` of ``params`` on each ``(x, y)`` of ``sets`` (``x`` flat,
+    ``(N, features)``, reshaped to the network's input shape).
 
     ``loss``: the mean data loss (no penalty, no dropout); ``metric``: accuracy for
     classification, ``R² = 1 − Σ(y − a)² / Σ(y − ȳ)²`` for regression.
     """
 
     def one(x, y):
-        out = forward_trace(net, params, x)
+        out = forward_trace(net, params, x.reshape((x.shape[0], *net.input_shape)))
         a = out.a[-1]
         y_t = prepare_targets(net, y, x.shape[0], a.dtype)
         loss = jnp.mean(per_example_loss(net, out.z[-1], a, y_t))

@@ -393,7 +393,7 @@ def _finish(run: RunState, session: Session, facts: dict) -> TrainResult:
         "train_time_s": run.train_time_s,
         **facts,
         "params_sha256": outputs.params_sha256(final),
-        "sizes": list(getattr(prep.net, "sizes", ())),
+        "network": repr(prep.net),
         "num_params": prep.net.num_params,
         "n_train": int(ds.x_train.shape[0]),
         "n_val": int(prep.val[0].shape[0]) if prep.val is not None else 0,

@@ -44,8 +44,7 @@ def _bytes(tree) -> int:
 
 
 def _trace_bytes(net: Any, params, rows: int, dtype) -> int:
-    x = jax.ShapeDtypeStruct((rows, *net.input_shape) if hasattr(net, "input_shape")
-                             else (rows, net.sizes[0]), dtype)
+    x = jax.ShapeDtypeStruct((rows, *net.input_shape), dtype)
     return _bytes(jax.eval_shape(lambda p, x_: forward_trace(net, p, x_), params, x))
 
 

@@ -18,7 +18,8 @@ from fnbackprop import data as data_lib
 from fnbackprop import parallel as parallel_lib
 from fnbackprop.backprop import manual_grad
 from fnbackprop.gradcheck import GradCheckReport, check_gradients
-from fnbackprop.network import MLP, init
+from fnbackprop.layers import Conv1D, Dense, Flatten
+from fnbackprop.network import MLP, Network, init
 from fnbackprop.training import memory
 from fnbackprop.training.config import TEST_SPLIT_SEED, TrainConfig, make_config
 from fnbackprop.training import accounting
@@ -113,11 +114,31 @@ def resolve_devices(devices, parallel: str) -> list:
 
 
 def build_network(config: TrainConfig, ds):
-    """The network of a run: the hidden layers of ``config`` and the dataset's head."""
-    sizes = (ds.num_features, *config.hidden, ds.num_outputs)
-    if ds.task == "classification":
-        return MLP(sizes, config.activation, "softmax", "cross_entropy")
-    return MLP(sizes, config.activation, "identity", "mse")
+    """The network of a run: ``config``'s convolutions and dense hidden layers, then the
+    dataset's head (softmax + cross-entropy, or identity + MSE for regression).
+
+    Without convolutions it is an :class:`fnbackprop.MLP`. With them the examples are read as
+    signals of shape ``(length, channels)``: ``(length, 1)`` for a one-axis ``image_shape``
+    (mnist1d), the ``image_shape`` itself for a two-axis one.
+
+    Raises:
+      ValueError: convolutions for data without a signal shape.
+    """
+    output, loss = ("softmax", "cross_entropy") if ds.task == "classification" \
+        else ("identity", "mse")
+    if not config.conv:
+        return MLP((ds.num_features, *config.hidden, ds.num_outputs), config.activation,
+                   output, loss)
+    shape = ds.image_shape
+    if shape is None or len(shape) > 2:
+        raise ValueError(f"conv layers need examples with a signal shape (length,) or (length, "
+                         f"channels), such as mnist1d; {ds.name} has "
+                         f"{'flat (tabular) examples' if shape is None else f'shape {shape}'}")
+    layers = [Conv1D(c, k, stride=s, padding="SAME", activation=config.activation)
+              for c, k, s in config.conv]
+    layers += [Flatten()] + [Dense(h, config.activation) for h in config.hidden]
+    return Network(tuple(shape) if len(shape) == 2 else (shape[0], 1),
+                   (*layers, Dense(ds.num_outputs, output)), loss)
 
 
 def prepare(config: TrainConfig, ds, devices: list, parallel: str = "sharding") -> Prepared:
@@ -212,6 +233,7 @@ def check_first_batch(config: TrainConfig | None = None, *, data=None, max_fd_pe
     first = epoch_batches(prep.batching, config.seed, 0)
     rows = first.idx[0] if first.mask is None else first.idx[0][first.mask[0]]
     x, y = np.asarray(prep.data.x_train)[rows], np.asarray(prep.data.y_train)[rows]
+    x = x.reshape((len(rows), *prep.net.input_shape))
     # The first step's dropout key, as the step derives it (fnbackprop.training.step).
     k_step = jax.random.split(run_keys(config.seed)[2])[1]
     k_grad = jax.random.split(k_step)[1]

@@ -272,6 +272,7 @@ def make_epoch(spec: StepSpec, tx: optax.GradientTransformation | None = None):
             k_aug = jax.random.fold_in(k_aug, jax.lax.axis_index(parallel_lib.DATA_AXIS))
         if spec.augment != "none":
             x = augment(k_aug, x, spec.augment, spec.image_shape)
+        x = x.reshape((x.shape[0], *spec.net.input_shape))  # the data are stored flat
         loss_sum, grads, delta_sum, examples = data_gradient(state.params, x, y, mask, denom,
                                                              k_grad)
         grads = _with_penalty(spec, state.params, grads)

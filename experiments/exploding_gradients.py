@@ -62,7 +62,6 @@ def layer_norms(g) -> tuple[np.ndarray, bool]:
 
 
 def run(cfg: dict, out: Path) -> C.Report:
-    C.require("MLP", "init", "manual_grad", "forward_trace", "loss")
     data = C.load_digits()
     dtype = jnp.float32
     x = jnp.asarray(data.x_train[: cfg["n_measure"]], dtype)
@@ -244,7 +243,7 @@ def run(cfg: dict, out: Path) -> C.Report:
             f"unfixed by > 0.05)"))
 
     setup = f"""
-Data: digits ({data.source}), standardised. Networks `fb.MLP((64,) + ({width},)*depth + (10,),
+Data: digits ({C.DIGITS_SOURCE}), standardised with training statistics. Networks `fb.MLP((64,) + ({width},)*depth + (10,),
 "{act}", "softmax", "cross_entropy")`, float32.
 
 **At initialisation**: depth ∈ {list(cfg['depths'])} hidden layers, schemes {list(INIT_SCHEMES)}

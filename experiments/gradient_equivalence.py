@@ -158,8 +158,11 @@ def ravel_leaves(tree):
 
 
 def run(cfg: dict, out: Path) -> C.Report:
-    jax.config.update("jax_enable_x64", True)  # float64 rows need it; float32 rows are explicit
-    C.require("manual_grad", "autodiff_grad", "per_example_grads", "loss")
+    with jax.enable_x64(True):  # float64 rows need it (float32 rows are explicit); scoped, so
+        return _run(cfg, out)   # that a caller's JAX configuration is left as it was
+
+
+def _run(cfg: dict, out: Path) -> C.Report:
     acts = cfg["activations"] or fb.HIDDEN_ACTIVATIONS
     heads = HEADS[: cfg["heads"]]
     rows = []
@@ -185,7 +188,7 @@ def run(cfg: dict, out: Path) -> C.Report:
         ("f32_autodiff_vs_f64_truth", "f32 jax.grad vs f64 truth"),
     ]
 
-    def summary(group_key, label):
+    def summary(group_key, label, page):
         groups = {}
         for r in rows:
             groups.setdefault(r[group_key] if group_key != "head" else f"{r['output']}+{r['loss']}", []).append(r)
@@ -193,19 +196,20 @@ def run(cfg: dict, out: Path) -> C.Report:
             f"Max relative error by {label} (max over the other factors)",
             [label] + [c[1] for c in cols],
             [[g] + [max(r[c[0]] for r in rs) for c in cols] for g, rs in groups.items()],
+            page=page,
         )
 
     overall = {c[0]: max(r[c[0]] for r in rows) for c in cols}
     tables = [
         C.Table("Overall maximum relative error over all configurations", ["measure", "max rel. error"],
                 [[label, overall[k]] for k, label in cols]),
-        summary("activation", "activation"),
-        summary("head", "head"),
-        summary("depth", "hidden layers"),
+        summary("activation", "activation", page=True),
+        summary("head", "head", page=False),
+        summary("depth", "hidden layers", page=False),
         C.Table("Every configuration",
                 ["activation", "head", "hidden layers"] + [c[1] for c in cols],
                 [[r["activation"], f"{r['output']}+{r['loss']}", r["depth"]] + [r[c[0]] for c in cols]
-                 for r in rows]),
+                 for r in rows], page=False),
     ]
 
     # Figure: log10 error of manual vs jax.grad, f64 and f32, activation × head (max over depth).

@@ -51,7 +51,6 @@ def _flow(net, params, x, y):
 
 
 def run(cfg: dict, out: Path) -> C.Report:
-    C.require("MLP", "init", "backward", "manual_grad", "loss")
     data = C.load_digits()
     dtype = jnp.float32
     x = jnp.asarray(data.x_train[: cfg["n_measure"]], dtype)
@@ -197,7 +196,7 @@ def run(cfg: dict, out: Path) -> C.Report:
             f"‖∂L/∂W^1‖/‖∂L/∂W^{L}‖ = {r_t:.2f} (criterion 0.2–5)"))
 
     setup = f"""
-Data: digits ({data.source}), standardised; gradient flow measured on the first
+Data: digits ({C.DIGITS_SOURCE}), standardised with training statistics; gradient flow measured on the first
 {int(x.shape[0])} training examples. Network `fb.MLP({list(sizes)}, activation, "softmax",
 "cross_entropy")` (the head `fb.train` uses), parameters `fb.init(key, net, scheme)` in float32 for
 schemes {list(cfg['schemes'])} and activations {list(cfg['activations'])}; seeds {seeds}.

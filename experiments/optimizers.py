@@ -33,7 +33,7 @@ LR_GRID = {  # three values a factor √10 apart (a pilot run found every optimu
 }
 
 CONFIGS = {
-    "smoke": dict(optimizers=("sgd", "adam"), lr_grid={"sgd": (0.1,), "adam": (3e-3,)},
+    "smoke": dict(optimizers=("sgd", "adam"), lr_grid={"sgd": (0.01, 0.1), "adam": (3e-3,)},
                   hidden=(32,), epochs=2, seeds=1, batch_size=32),
     "quick": dict(optimizers=tuple(LR_GRID), lr_grid=LR_GRID, hidden=(128, 128), epochs=15, seeds=3,
                   batch_size=32),
@@ -148,7 +148,7 @@ set). Epochs to loss
         C.Table("Every learning rate of the grid",
                 ["optimizer", "lr", "train loss, last 3 epochs", "final train loss", "± std",
                  "test accuracy", "± std", "diverged runs"],
-                grid_rows),
+                grid_rows, page=False),
     ]
     notes = []
     for opt, (lr, _) in best.items():

@@ -104,7 +104,6 @@ def _sgd_epoch_fn(net, lr, batch_size):
 
 
 def run(cfg: dict, out: Path) -> C.Report:
-    C.require("MLP", "init", "backward", "manual_grad", "ACTIVATIONS")
     data = C.load_digits()
     dtype = jnp.float32
     x_all = jnp.asarray(data.x_train, dtype)
@@ -190,6 +189,7 @@ def run(cfg: dict, out: Path) -> C.Report:
         ["variant", "hidden layers"] + [f"l={i}" for i in range(1, maxd + 1)],
         [[label, depth] + [float(v) for v in np.mean(rec["bias_grad"], axis=0)] + [""] * (maxd - depth)
          for (label, depth), rec in at_init.items()],
+        page=False,
     ))
 
     fig, axes = C.figure(ncols=len(VARIANTS), width=3.6, height=3.2)
@@ -290,7 +290,7 @@ def run(cfg: dict, out: Path) -> C.Report:
         f"at init, {persist:.3f} averaged over training (criterion < 0.2)"))
 
     setup = f"""
-Data: digits ({data.source}), standardised with training statistics; gradients measured on the
+Data: digits ({C.DIGITS_SOURCE}), standardised with training statistics; gradients measured on the
 first {n_measure} training examples (Nielsen used 1000 MNIST images). Networks
 `fb.MLP((64,) + (30,)*depth + (10,), hidden, "sigmoid", "binary_cross_entropy")` (sigmoid output
 units with the cross-entropy cost, Nielsen's `network2.py`) with one-hot targets, depth ∈

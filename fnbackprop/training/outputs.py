@@ -37,14 +37,14 @@ def params_sha256(params) -> str:
 
 
 def json_ready(v: Any) -> Any:
-    """``v`` with NumPy scalars and arrays as Python numbers and lists, non-finite floats as
+    """``v`` with NumPy/JAX scalars and arrays as Python numbers and lists, non-finite floats as
     ``None``, tuples as lists."""
     if isinstance(v, dict):
         return {k: json_ready(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
         return [json_ready(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return json_ready(v.tolist())
+    if isinstance(v, (np.ndarray, jax.Array)):
+        return json_ready(np.asarray(v).tolist())
     if isinstance(v, (np.bool_, bool)):
         return bool(v)
     if isinstance(v, (np.integer, int)):

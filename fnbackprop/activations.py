@@ -29,6 +29,7 @@ __all__ = [
     "OUTPUT_ACTIVATIONS",
     "get_activation",
     "LEAKY_RELU_SLOPE",
+    "KINKED_ACTIVATIONS",
 ]
 
 LEAKY_RELU_SLOPE = 0.01
@@ -160,6 +161,9 @@ HIDDEN_ACTIVATIONS: tuple[str, ...] = (
     "sigmoid", "tanh", "relu", "leaky_relu", "elu", "softplus", "gelu", "identity",
 )
 OUTPUT_ACTIVATIONS: tuple[str, ...] = HIDDEN_ACTIVATIONS + ("softmax",)
+KINKED_ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "elu")
+"""Activations that are not smooth at z = 0 (relu and leaky_relu: f' jumps; elu: f'' jumps), where
+a finite difference across 0 does not estimate the derivative."""
 
 
 def get_activation(name: str) -> Activation:

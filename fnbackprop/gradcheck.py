@@ -204,11 +204,6 @@ def check_gradients(
     tol_autodiff = tols["autodiff"] if tol_autodiff is None else tol_autodiff
     tol_fd = tols["fd"] if tol_fd is None else tol_fd
 
-    # Jitted: one compile each instead of compiling every primitive eagerly (several times
-    # faster cold). The keywords are closed over, so they stay concrete; y was checked above.
-    g_manual = jax.jit(lambda p, x, y: grad_fn(net, p, x, y, **kw))(params, x, y)
-    g_auto = jax.jit(lambda p, x, y: autodiff_grad(net, p, x, y, **kw))(params, x, y)
-
     flat, unravel = ravel_pytree(params)
     kinked = [l for l, layer in enumerate(net.layers) if layer.activation in KINKED_ACTIVATIONS]
 
@@ -216,7 +211,11 @@ def check_gradients(
         value, trace = _objective(net, unravel(f), x, y_t, masks, l1, l2)
         return value, [jnp.sign(trace.z[l]) for l in kinked]
 
-    _, signs0 = jax.jit(value_and_signs)(flat)
+    # Jitted: one compile instead of compiling every primitive eagerly (several times faster
+    # cold). The keywords are closed over, so they stay concrete; y was checked above.
+    g_manual, g_auto, (_, signs0) = jax.jit(lambda p, f, x, y: (
+        grad_fn(net, p, x, y, **kw), autodiff_grad(net, p, x, y, **kw), value_and_signs(f),
+    ))(params, flat, x, y)
 
     def central(i, h):
         e = jnp.zeros_like(flat).at[i].set(h)

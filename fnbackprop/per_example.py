@@ -47,6 +47,7 @@ import numpy as np
 
 from fnbackprop import checks
 from fnbackprop.backprop import Backward, _backward, layer_grads
+from fnbackprop.layers.dense import per_example_weight_grads
 from fnbackprop.losses import loss, prepare_targets
 from fnbackprop.network import AnyNet, Params, check_inputs, check_params, param_dtype
 
@@ -84,7 +85,8 @@ def _plain_backward(net: AnyNet, params: Params, x: jax.Array, y: jax.Array) -> 
 def _norm_parts(net: AnyNet, bw: Backward, layers: tuple[int, ...]) -> list[jax.Array]:
     """Squared per-example gradient norms of the given layers (``w`` and ``b`` together), ``(B,)``
     each."""
-    return [net.layers[i].norm_sq(bw.trace.a[i], bw.delta[i]) for i in layers]
+    return [_per_example_parts(net.layers[i], net.shapes[i], bw.trace.a[i], bw.delta[i])[0]
+            for i in layers]
 
 
 def per_example_grads(
@@ -200,7 +202,7 @@ def _check_clipping(batch, clip_norm, per_layer, noise_multiplier, key, mask, no
             raise ValueError(f"mask must be {allowed}, got shape {jnp.shape(mask)}")
         m = checks.concrete(mask)
         if m is not None and not np.all((m == 0) | (m == 1)):
-            raise ValueError(f"mask must be {allowed}, got the value {m[(m != 0) & (m != 1)][0]!r}")
+            raise ValueError(f"mask must be {allowed}, got the value {m[(m != 0) & (m != 1)][0].item()!r}")
         if m is None and jnp.result_type(mask) != jnp.bool_:
             ok_mask = jnp.all((mask == 0) | (mask == 1))
         mask = jnp.asarray(mask) != 0
@@ -260,16 +262,37 @@ def _inverse_count(batch: int, mask, normalize_by, dtype) -> jax.Array:
     return 1 / jnp.maximum(jnp.sum(mask), 1).astype(dtype)
 
 
-def _weighted_grads(layer, a, d, factors, keep):
-    """``Σ_i factors_i ∂ℓ_i/∂θ`` over the kept rows, through the layer's batch gradient.
+def _per_example_parts(layer, shape, a: jax.Array, delta: jax.Array):
+    """A layer's squared per-example norms ``(B,)`` and what its clipped sum needs.
 
-    Rows not kept are replaced by zeros with ``jnp.where`` (in ``a`` too, so that a non-finite
-    input cannot give ``NaN · 0``).
+    Ghost layers keep ``(a, δ)``: the sum is one weighted backward step through the layer's
+    batch gradient. Materialised layers keep the per-example gradients they formed for the norm:
+    the sum is a weighted sum of those, and δ and the windows are free as soon as the norms are.
     """
-    k_a = keep.reshape(keep.shape + (1,) * (a.ndim - 1))
-    k_d = keep.reshape(keep.shape + (1,) * (d.ndim - 1))
-    f_d = factors.reshape(k_d.shape)
-    return layer.grads(jnp.where(k_a, a, 0), jnp.where(k_d, d * f_d, 0))
+    if layer.norm_method(shape) == "materialised":
+        u, d = layer.dense_view(a, delta)
+        g_w, g_b = per_example_weight_grads(u, d), jnp.sum(d, axis=1)  # (B, p, c), (B, c)
+        sq = jnp.sum(g_w * g_w, axis=(1, 2)) + jnp.sum(g_b * g_b, axis=1)
+        return sq, ("materialised", g_w, g_b)
+    return layer.norm_sq(a, delta, "ghost"), ("ghost", a, delta)
+
+
+def _weighted_sum(layer, w_shape, parts, factors: jax.Array, keep: jax.Array) -> dict:
+    """``Σ_i factors_i ∂ℓ_i/∂θ`` over the kept rows (``keep``: ``(B,)`` booleans).
+
+    Rows not kept are replaced by zeros with ``jnp.where`` (in the inputs too, so that a
+    non-finite input cannot give ``NaN · 0``).
+    """
+    kind, x1, x2 = parts
+
+    def kept(v):
+        return jnp.where(keep.reshape(keep.shape + (1,) * (v.ndim - 1)), v, 0)
+
+    if kind == "materialised":
+        f = kept(factors)
+        return {"w": jnp.tensordot(f, kept(x1), axes=1).reshape(w_shape),
+                "b": jnp.tensordot(f, kept(x2), axes=1)}
+    return layer.grads(kept(x1), kept(x2 * factors.reshape(factors.shape + (1,) * (x2.ndim - 1))))
 
 
 def _clipped(net: AnyNet, bw: Backward, clip_norm, per_layer: bool, mask, normalize_by, ok):
@@ -283,23 +306,28 @@ def _clipped(net: AnyNet, bw: Backward, clip_norm, per_layer: bool, mask, normal
     inv_n = _inverse_count(deltas[-1].shape[0], mask, normalize_by, deltas[-1].dtype)
     inv_n = checks.nan_unless(ok, inv_n)
     grads = [{} for _ in net.layers]
+    w_shape = {i: net.layers[i].param_shapes(net.shapes[i])["w"] for i in layers}
     if per_layer:
-        # Layer by layer: layer l's factors need only a^{l−1} and δ^l, so no layer waits on another.
+        # Layer by layer: layer l's factors need only its own norms, so no layer waits on another.
         limit = clip_norm / math.sqrt(len(layers))
         cols = []
         for i in layers:
-            norm = jnp.sqrt(_norm_parts(net, bw, (i,))[0])  # (B,)
+            sq, parts = _per_example_parts(net.layers[i], net.shapes[i], inputs[i], deltas[i])
+            norm = jnp.sqrt(sq)  # (B,)
             keep = jnp.isfinite(norm) if mask is None else mask & jnp.isfinite(norm)
-            grads[i] = _weighted_grads(net.layers[i], inputs[i], deltas[i],
-                                       _clip_factors(norm, limit) * inv_n, keep)
+            grads[i] = _weighted_sum(net.layers[i], w_shape[i], parts,
+                                     _clip_factors(norm, limit) * inv_n, keep)
             cols.append(norm)
         norms = jnp.stack(cols, axis=1)  # (B, L_p)
     else:
-        norms = jnp.sqrt(sum(_norm_parts(net, bw, layers)))  # (B,)
+        sq, parts = {}, {}
+        for i in layers:
+            sq[i], parts[i] = _per_example_parts(net.layers[i], net.shapes[i], inputs[i], deltas[i])
+        norms = jnp.sqrt(sum(sq.values()))  # (B,)
         keep = jnp.isfinite(norms) if mask is None else mask & jnp.isfinite(norms)
         factors = _clip_factors(norms, clip_norm) * inv_n  # c_i / n
         for i in reversed(layers):  # the last layers first: their buffers are freed sooner
-            grads[i] = _weighted_grads(net.layers[i], inputs[i], deltas[i], factors, keep)
+            grads[i] = _weighted_sum(net.layers[i], w_shape[i], parts[i], factors, keep)
     if mask is not None:
         norms = jnp.where(mask.reshape(mask.shape + (1,) * (norms.ndim - 1)), norms, 0)
     return grads, norms, inv_n

@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fnbackprop.activations import HIDDEN_ACTIVATIONS
-from fnbackprop.layers.dense import check_int, weight_grad, weight_grad_norm_sq
+from fnbackprop.layers.dense import check_int, view_norm_sq, weight_grad
 
 __all__ = ["Conv1D", "PADDINGS", "IMPLEMENTATIONS", "implementation", "geometry", "windows"]
 
@@ -222,9 +222,12 @@ class Conv1D:
         t = self._geometry(input_shape)[0]
         return "ghost" if 2 * t * t < self.kernel * input_shape[1] * self.channels else "materialised"
 
+    def dense_view(self, a: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(U, δ)``: the windows ``(B, T, k·c_in)`` and the deltas ``(B, T, c_out)``, so that
+        ``∂ℓ_i/∂W_flat = Σ_t u_{i,t} δ_{i,t}ᵀ`` and ``∂ℓ_i/∂b = Σ_t δ_{i,t}``."""
+        return self.windows(a), delta
+
     def norm_sq(self, a: jax.Array, delta: jax.Array, method: str | None = None) -> jax.Array:
         """Per-example ``‖∂ℓ_i/∂W‖² + ‖∂ℓ_i/∂b‖²``: ``(B,)``; ``method`` default
         :meth:`norm_method`."""
-        method = method or self.norm_method(a.shape[1:])
-        d_b = jnp.sum(delta, axis=1)  # ∂ℓ_i/∂b = Σ_t δ_{i,t}
-        return weight_grad_norm_sq(self.windows(a), delta, method) + jnp.sum(d_b * d_b, axis=1)
+        return view_norm_sq(*self.dense_view(a, delta), method or self.norm_method(a.shape[1:]))

@@ -25,7 +25,8 @@ import numpy as np
 
 from fnbackprop.activations import OUTPUT_ACTIVATIONS
 
-__all__ = ["Dense", "weight_grad", "weight_grad_norm_sq", "NORM_METHODS", "check_int"]
+__all__ = ["Dense", "weight_grad", "per_example_weight_grads", "weight_grad_norm_sq",
+           "view_norm_sq", "NORM_METHODS", "check_int"]
 
 NORM_METHODS: tuple[str, ...] = ("ghost", "materialised")
 """How a per-example weight-gradient norm is computed (see :func:`weight_grad_norm_sq`)."""
@@ -45,6 +46,12 @@ def weight_grad(a: jax.Array, delta: jax.Array) -> jax.Array:
     return a.T @ delta
 
 
+def per_example_weight_grads(u: jax.Array, delta: jax.Array) -> jax.Array:
+    """``G_i = Σ_t u_{i,t} δ_{i,t}ᵀ`` for every example: :func:`weight_grad` on each example
+    alone, from ``u`` ``(B, T, p)`` and ``δ`` ``(B, T, d)``; ``(B, p, d)``."""
+    return jax.vmap(weight_grad)(u, delta)
+
+
 def weight_grad_norm_sq(
     u: jax.Array, delta: jax.Array, method: Literal["ghost", "materialised"] = "ghost"
 ) -> jax.Array:
@@ -61,8 +68,10 @@ def weight_grad_norm_sq(
     Returns:
       ``(B,)``.
     """
+    if method not in NORM_METHODS:
+        raise ValueError(f"unknown norm method {method!r}; allowed: {', '.join(NORM_METHODS)}")
     if method == "materialised":
-        g = jax.vmap(weight_grad)(u, delta)  # (B, p, d)
+        g = per_example_weight_grads(u, delta)
         return jnp.sum(g * g, axis=(1, 2))
     if u.shape[1] == 1:
         return jnp.sum(u * u, axis=(1, 2)) * jnp.sum(delta * delta, axis=(1, 2))
@@ -127,15 +136,23 @@ class Dense:
         """``{"w": aᵀ δ, "b": Σ_i δ_i}``, summed over the batch."""
         return {"w": weight_grad(a, delta), "b": jnp.sum(delta, axis=0)}
 
-    def norm_sq(self, a: jax.Array, delta: jax.Array, method: str | None = None) -> jax.Array:
-        """Per-example ``‖∂ℓ_i/∂W‖² + ‖∂ℓ_i/∂b‖² = (‖a_i‖² + 1) ‖δ_i‖²``: ``(B,)``.
-
-        ``method``: see :func:`weight_grad_norm_sq` (default ``"ghost"``, which for a dense
-        layer is never more expensive).
-        """
-        w = weight_grad_norm_sq(a[:, None, :], delta[:, None, :], method or "ghost")
-        return w + jnp.sum(delta * delta, axis=1)
+    def dense_view(self, a: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(u, d)`` ``(B, 1, n_in)``, ``(B, 1, n_out)``: one position per example, so that
+        ``∂ℓ_i/∂W = Σ_t u_{i,t} d_{i,t}ᵀ`` and ``∂ℓ_i/∂b = Σ_t d_{i,t}``."""
+        return a[:, None, :], delta[:, None, :]
 
     def norm_method(self, input_shape: tuple[int, ...]) -> str:
+        """``"ghost"``: ``‖a_i‖² ‖δ_i‖²`` is never more expensive than forming ``a_i δ_iᵀ``."""
         del input_shape
         return "ghost"
+
+    def norm_sq(self, a: jax.Array, delta: jax.Array, method: str | None = None) -> jax.Array:
+        """Per-example ``‖∂ℓ_i/∂W‖² + ‖∂ℓ_i/∂b‖² = (‖a_i‖² + 1) ‖δ_i‖²``: ``(B,)``."""
+        return view_norm_sq(*self.dense_view(a, delta), method or "ghost")
+
+
+def view_norm_sq(u: jax.Array, d: jax.Array, method: str) -> jax.Array:
+    """Per-example ``‖G_i‖² + ‖Σ_t d_{i,t}‖²`` (weights and biases) from a layer's dense view
+    ``(u, d)``: ``(B,)``."""
+    d_b = jnp.sum(d, axis=1)  # ∂ℓ_i/∂b
+    return weight_grad_norm_sq(u, d, method) + jnp.sum(d_b * d_b, axis=1)

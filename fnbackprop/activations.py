@@ -94,7 +94,9 @@ def _d_leaky_relu(z, a):  # 1 for z ≥ 0, else the slope
 
 
 def _elu(z):
-    return jnp.where(z > 0, z, jnp.expm1(jnp.minimum(z, 0)))
+    # expm1 of where(z > 0, 0, z), not of minimum(z, 0): no overflow in the branch not taken,
+    # and jax.grad's derivative at z = 0 is 1 (minimum's would split the tie: 1/2).
+    return jnp.where(z > 0, z, jnp.expm1(jnp.where(z > 0, jnp.zeros_like(z), z)))
 
 
 def _d_elu(z, a):  # 1 for z > 0, else e^z = a + 1

@@ -416,10 +416,10 @@ def dropout_masks(
     if not any(hidden):
         return None
     keep = 1.0 - rate
-    scale = jnp.asarray(keep, dtype) if ok is None else jnp.where(ok, keep, jnp.nan).astype(dtype)
     keys = jax.random.split(key, net.num_layers - 1)
     return tuple(
-        jax.random.bernoulli(k, keep, (batch, *shape)).astype(dtype) / scale if dense else None
+        checks.nan_unless(ok, jax.random.bernoulli(k, keep, (batch, *shape)).astype(dtype)
+                          / jnp.asarray(keep, dtype)) if dense else None
         for k, dense, shape in zip(keys, hidden, net.shapes[1:-1])
     )
 

@@ -29,6 +29,7 @@ __all__ = [
     "OUTPUT_ACTIVATIONS",
     "get_activation",
     "LEAKY_RELU_SLOPE",
+    "KINKED_ACTIVATIONS",
 ]
 
 LEAKY_RELU_SLOPE = 0.01
@@ -93,7 +94,9 @@ def _d_leaky_relu(z, a):  # 1 for z ≥ 0, else the slope
 
 
 def _elu(z):
-    return jnp.where(z > 0, z, jnp.expm1(jnp.minimum(z, 0)))
+    # expm1 of where(z > 0, 0, z), not of minimum(z, 0): no overflow in the branch not taken,
+    # and jax.grad's derivative at z = 0 is 1 (minimum's would split the tie: 1/2).
+    return jnp.where(z > 0, z, jnp.expm1(jnp.where(z > 0, jnp.zeros_like(z), z)))
 
 
 def _d_elu(z, a):  # 1 for z > 0, else e^z = a + 1
@@ -160,6 +163,9 @@ HIDDEN_ACTIVATIONS: tuple[str, ...] = (
     "sigmoid", "tanh", "relu", "leaky_relu", "elu", "softplus", "gelu", "identity",
 )
 OUTPUT_ACTIVATIONS: tuple[str, ...] = HIDDEN_ACTIVATIONS + ("softmax",)
+KINKED_ACTIVATIONS: tuple[str, ...] = ("relu", "leaky_relu", "elu")
+"""Activations that are not smooth at z = 0 (relu and leaky_relu: f' jumps; elu: f'' jumps), where
+a finite difference across 0 does not estimate the derivative."""
 
 
 def get_activation(name: str) -> Activation:

@@ -1,4 +1,11 @@
-"""Gradient checking: hand-derived gradient vs ``jax.grad`` vs central finite differences."""
+"""Gradient checking: hand-derived gradient vs ``jax.grad`` vs central finite differences.
+
+Central differences estimate a derivative only where the loss is smooth between θ − h and θ + h.
+Where an entry's ±h step moves some pre-activation of a relu, leaky_relu or elu layer across 0
+(a kink), the difference quotient mixes two slopes: such entries are skipped and counted
+(``fd_kinks``) rather than compared, so a correct gradient does not fail on them. The comparison
+with ``jax.grad`` covers every entry regardless, so a wrong gradient still fails.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from fnbackprop.activations import KINKED_ACTIVATIONS
 from fnbackprop.backprop import autodiff_grad, manual_grad
-from fnbackprop.losses import check_regularisation, loss, prepare_targets
-from fnbackprop.network import MLP, Params, check_inputs, check_params
+from fnbackprop.losses import _objective, check_regularisation, prepare_targets
+from fnbackprop.network import (
+    AnyNet,
+    Params,
+    check_inputs,
+    check_params,
+    dropout_masks,
+    param_dtype,
+)
 
 __all__ = ["GradCheckRow", "GradCheckReport", "check_gradients", "default_tolerances"]
 
@@ -37,7 +52,8 @@ class GradCheckRow:
     Errors are maxima over the array's entries; a relative error is the max absolute error
     divided by the largest ``|reference|`` entry of the array (so an all-small array cannot
     hide behind a tiny denominator). The finite-difference columns cover ``fd_checked``
-    entries (all, or a random subset for large arrays).
+    entries (all, or a random subset for large arrays); ``fd_kinks`` further entries of that
+    subset were skipped because their ±h step crosses a kink.
     """
 
     layer: int
@@ -49,6 +65,7 @@ class GradCheckRow:
     rel_fd: float
     fd_checked: int
     passed: bool
+    fd_kinks: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +91,11 @@ class GradCheckReport:
     def max_rel_fd(self) -> float:
         return max(r.rel_fd for r in self.rows)
 
+    @property
+    def fd_kinks(self) -> int:
+        """Finite differences skipped because the step crosses a kink, over all rows."""
+        return sum(r.fd_kinks for r in self.rows)
+
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
         return {
@@ -82,24 +104,28 @@ class GradCheckReport:
             "tol_autodiff": self.tol_autodiff,
             "tol_fd": self.tol_fd,
             "fd_step": self.fd_step,
+            "fd_kinks": self.fd_kinks,
             "rows": [dataclasses.asdict(r) for r in self.rows],
         }
 
     def __str__(self) -> str:
         head = (
             f"{'layer':>5} {'param':>5} {'shape':>12} {'abs(manual-grad)':>17} "
-            f"{'rel(manual-grad)':>17} {'abs(vs FD)':>11} {'rel(vs FD)':>11} {'FD n':>6}  ok"
+            f"{'rel(manual-grad)':>17} {'abs(vs FD)':>11} {'rel(vs FD)':>11} {'FD n':>6} "
+            f"{'kinks':>5}  ok"
         )
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
                 f"{r.layer:>5} {r.param:>5} {str(r.shape):>12} {r.abs_autodiff:>17.3e} "
-                f"{r.rel_autodiff:>17.3e} {r.abs_fd:>11.3e} {r.rel_fd:>11.3e} {r.fd_checked:>6}  "
-                f"{'yes' if r.passed else 'NO'}"
+                f"{r.rel_autodiff:>17.3e} {r.abs_fd:>11.3e} {r.rel_fd:>11.3e} {r.fd_checked:>6} "
+                f"{r.fd_kinks:>5}  {'yes' if r.passed else 'NO'}"
             )
+        kinks = (f"; {self.fd_kinks} finite differences skipped: the ±h step crosses a kink "
+                 "(relu/leaky_relu/elu at 0)" if self.fd_kinks else "")
         lines.append(
             f"dtype {self.dtype}; tolerances: manual vs jax.grad rel ≤ {self.tol_autodiff:g}, "
-            f"vs finite differences (step {self.fd_step:.1e}) rel ≤ {self.tol_fd:g}; "
+            f"vs finite differences (step {self.fd_step:.1e}) rel ≤ {self.tol_fd:g}{kinks}; "
             f"{'PASSED' if self.passed else 'FAILED'}"
         )
         return "\n".join(lines)
@@ -109,8 +135,30 @@ def _rel(err: float, ref_scale: float) -> float:
     return err / ref_scale if ref_scale > 0 else (0.0 if err == 0 else float("inf"))
 
 
+def _fd_subset(params: Params, max_fd_per_param: int, fd_key) -> list:
+    """``(layer, name, shape, flat offset, entry indices)`` of the entries to difference.
+
+    ``ravel_pytree`` flattens each layer's dict in sorted-key order: ``"b"`` before ``"w"``.
+    """
+    out, pos = [], 0
+    for l, p in enumerate(params, start=1):
+        offsets = {}
+        for name in sorted(p):
+            offsets[name] = pos
+            pos += int(np.prod(p[name].shape))
+        for name in ("w", "b") if p else ():
+            size = int(np.prod(p[name].shape))
+            fd_key, sub = jax.random.split(fd_key)
+            if size <= max_fd_per_param:
+                idx = np.arange(size)
+            else:
+                idx = np.sort(np.asarray(jax.random.choice(sub, size, (max_fd_per_param,), replace=False)))
+            out.append((l, name, p[name].shape, offsets[name], idx))
+    return out
+
+
 def check_gradients(
-    net: MLP,
+    net: AnyNet,
     params: Params,
     x: jax.Array,
     y: jax.Array,
@@ -132,83 +180,77 @@ def check_gradients(
       grad_fn: the gradient to check, called like :func:`fnbackprop.manual_grad` (the default).
       max_fd_per_param: finite differences for at most this many entries of each parameter
         array (a random subset drawn with ``fd_key``; all entries when the array is smaller).
+        Entries whose ±h step crosses a kink are skipped and counted in ``fd_kinks``.
       fd_key: PRNG key of that subset (default ``jax.random.key(0)``).
       tol_autodiff, tol_fd: relative tolerances; default :func:`default_tolerances` of the
         parameters' dtype.
 
     Returns:
-      A :class:`GradCheckReport` with one row per layer and parameter.
+      A :class:`GradCheckReport` with one row per parameter array (layers without parameters,
+      such as Flatten, have none; ``layer`` is the 1-based index in ``net.layers``).
     """
     if max_fd_per_param < 1:
         raise ValueError(f"max_fd_per_param must be ≥ 1, got {max_fd_per_param}")
-    # Bad inputs raise their ValueError here, before any work (and before params[0] is read).
+    # Bad inputs raise their ValueError here, before any work.
     check_regularisation(l1, l2)
     check_params(net, params)
     check_inputs(net, x)
-    prepare_targets(net, y, x.shape[0], params[0]["w"].dtype)
+    dtype = jnp.dtype(param_dtype(params))
+    y_t = prepare_targets(net, y, x.shape[0], dtype)
+    masks = dropout_masks(net, key, dropout, x.shape[0], dtype)  # the masks loss() draws
     grad_fn = manual_grad if grad_fn is None else grad_fn
     kw = dict(l1=l1, l2=l2, dropout=dropout, key=key)
-    dtype = jnp.dtype(params[0]["w"].dtype)
     tols = default_tolerances(dtype)
     tol_autodiff = tols["autodiff"] if tol_autodiff is None else tol_autodiff
     tol_fd = tols["fd"] if tol_fd is None else tol_fd
 
-    # Jitted: one compile each instead of compiling every primitive eagerly (several times
-    # faster cold). The keywords are closed over, so they stay concrete; y was checked above.
-    g_manual = jax.jit(lambda p, x, y: grad_fn(net, p, x, y, **kw))(params, x, y)
-    g_auto = jax.jit(lambda p, x, y: autodiff_grad(net, p, x, y, **kw))(params, x, y)
-
     flat, unravel = ravel_pytree(params)
-    loss_flat = jax.jit(lambda f: loss(net, unravel(f), x, y, **kw))
-    step = float(np.finfo(dtype).eps ** (1 / 3))
+    kinked = [l for l, layer in enumerate(net.layers) if layer.activation in KINKED_ACTIVATIONS]
 
-    # Choose which flat entries get finite differences, per parameter array.
-    leaves_with_path = []
-    fd_key = jax.random.key(0) if fd_key is None else fd_key
-    for l, p in enumerate(params, start=1):
-        for name in ("w", "b"):
-            size = int(np.prod(p[name].shape))
-            fd_key, sub = jax.random.split(fd_key)
-            if size <= max_fd_per_param:
-                idx = np.arange(size)
-            else:
-                idx = np.sort(np.asarray(jax.random.choice(sub, size, (max_fd_per_param,), replace=False)))
-            leaves_with_path.append((l, name, p[name].shape, idx))
-    # ravel_pytree flattens dicts in sorted-key order: "b" before "w" within a layer.
-    flat_offsets = {}
-    pos = 0
-    for l, p in enumerate(params, start=1):
-        for name in sorted(p):
-            flat_offsets[(l, name)] = pos
-            pos += int(np.prod(p[name].shape))
-    all_idx = np.concatenate(
-        [flat_offsets[(l, n)] + idx for l, n, _, idx in leaves_with_path]
-    )
+    def value_and_signs(f):
+        value, trace = _objective(net, unravel(f), x, y_t, masks, l1, l2)
+        return value, [jnp.sign(trace.z[l]) for l in kinked]
 
-    h_all = step * np.maximum(1.0, np.abs(np.asarray(flat)[all_idx]))
+    # Jitted: one compile instead of compiling every primitive eagerly (several times faster
+    # cold). The keywords are closed over, so they stay concrete; y was checked above.
+    g_manual, g_auto, (_, signs0) = jax.jit(lambda p, f, x, y: (
+        grad_fn(net, p, x, y, **kw), autodiff_grad(net, p, x, y, **kw), value_and_signs(f),
+    ))(params, flat, x, y)
 
     def central(i, h):
         e = jnp.zeros_like(flat).at[i].set(h)
-        return (loss_flat(flat + e) - loss_flat(flat - e)) / (2 * h)
+        (up, s_up), (down, s_down) = value_and_signs(flat + e), value_and_signs(flat - e)
+        crossed = jnp.zeros((), bool)
+        for s0, s1, s2 in zip(signs0, s_up, s_down):
+            crossed = crossed | jnp.any(s1 != s0) | jnp.any(s2 != s0)
+        return (up - down) / (2 * h), crossed
 
-    fd_vals = np.asarray(
-        jax.lax.map(lambda ih: central(ih[0], ih[1]),
-                    (jnp.asarray(all_idx), jnp.asarray(h_all, dtype)), batch_size=64)
+    step = float(np.finfo(dtype).eps ** (1 / 3))
+    subset = _fd_subset(params, max_fd_per_param, jax.random.key(0) if fd_key is None else fd_key)
+    all_idx = np.concatenate([off + idx for *_, off, idx in subset])
+    h_all = step * np.maximum(1.0, np.abs(np.asarray(flat)[all_idx]))
+    fd_vals, crossed = jax.lax.map(
+        lambda ih: central(ih[0], ih[1]), (jnp.asarray(all_idx), jnp.asarray(h_all, dtype)),
+        batch_size=64,
     )
+    fd_vals, crossed = np.asarray(fd_vals), np.asarray(crossed)
 
     rows = []
     k = 0
-    for l, name, shape, idx in leaves_with_path:
+    for l, name, shape, _, idx in subset:
         m = np.asarray(g_manual[l - 1][name]).reshape(-1)
         a = np.asarray(g_auto[l - 1][name]).reshape(-1)
-        fd = fd_vals[k:k + len(idx)]
+        smooth = ~crossed[k:k + len(idx)]
+        fd, idx_fd = fd_vals[k:k + len(idx)][smooth], idx[smooth]
         k += len(idx)
         scale = float(np.max(np.abs(a))) if a.size else 0.0
         abs_ad = float(np.max(np.abs(m - a))) if a.size else 0.0
-        abs_fd = float(max(np.max(np.abs(m[idx] - fd)), np.max(np.abs(a[idx] - fd)))) if idx.size else 0.0
+        abs_fd = (float(max(np.max(np.abs(m[idx_fd] - fd)), np.max(np.abs(a[idx_fd] - fd))))
+                  if idx_fd.size else 0.0)
         fd_scale = max(scale, float(np.max(np.abs(fd))) if fd.size else 0.0)
         rel_ad = _rel(abs_ad, scale)
         rel_fd = _rel(abs_fd, fd_scale)
         ok = bool(np.all(np.isfinite(m))) and rel_ad <= tol_autodiff and rel_fd <= tol_fd
-        rows.append(GradCheckRow(l, name, tuple(shape), abs_ad, rel_ad, abs_fd, rel_fd, len(idx), ok))
+        rows.append(GradCheckRow(l, name, tuple(shape), abs_ad, rel_ad, abs_fd, rel_fd,
+                                 int(idx_fd.size), ok, int(len(idx) - idx_fd.size)))
     return GradCheckReport(tuple(rows), str(dtype), tol_autodiff, tol_fd, step)

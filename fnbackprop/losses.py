@@ -19,15 +19,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from fnbackprop import checks
 from fnbackprop.network import (
-    MLP,
+    AnyNet,
     Params,
+    _forward_trace,
     check_inputs,
     check_params,
     dropout_masks,
-    forward_trace,
+    param_dtype,
 )
 
 __all__ = [
@@ -42,14 +43,9 @@ __all__ = [
 ]
 
 
-def _concrete_numpy(v) -> np.ndarray | None:
-    """``v`` as a NumPy array, or ``None`` when it is traced (under jit/vmap/grad)."""
-    if isinstance(v, jax.core.Tracer):
-        return None
-    return np.asarray(v)
-
-
-def prepare_targets(net: MLP, y: jax.Array, batch: int, dtype: Any) -> jax.Array:
+def prepare_targets(
+    net: AnyNet, y: jax.Array, batch: int, dtype: Any, *, checked: bool = False
+) -> jax.Array:
     """Checks ``y`` and brings it to shape ``(B, n_L)`` and the parameters' dtype.
 
     Accepted targets:
@@ -58,11 +54,18 @@ def prepare_targets(net: MLP, y: jax.Array, batch: int, dtype: Any) -> jax.Array
       ``[0, K)``;
     * ``mse`` and ``binary_cross_entropy``: ``(B, n_L)``, or ``(B,)`` when ``n_L == 1``.
 
+    Traced labels cannot be range-checked on the host: a traced label outside ``[0, K)`` gets
+    a row of NaN, so that example's loss and gradient are NaN (JAX's own convention for
+    out-of-bounds gathers), never a silent zero. ``checked=True`` leaves that guard out, for
+    labels already validated on the host (e.g. when a data set was loaded): inside a jitted
+    training step the labels are then one-hot encoded with no checking op.
+
     Raises:
-      ValueError: wrong shape, non-integer labels, or (when ``y`` is concrete) labels outside
-        ``[0, K)``.
+      ValueError: wrong shape, a non-numeric dtype (e.g. string labels), non-integer labels, or
+        (when ``y`` is concrete) labels outside ``[0, K)``.
     """
-    k = net.sizes[-1]
+    k = net.output_size
+    checks.check_numeric(y, "targets y", "numbers (integer labels or a float array)")
     shape = jnp.shape(y)
     y_dtype = jnp.result_type(y)
     if net.loss == "cross_entropy" and len(shape) == 1:
@@ -72,11 +75,15 @@ def prepare_targets(net: MLP, y: jax.Array, batch: int, dtype: Any) -> jax.Array
             raise ValueError(
                 f"1-D cross-entropy targets must be integer labels in [0, {k}), got dtype {y_dtype}"
             )
-        y_np = _concrete_numpy(y)
+        y_np = checks.concrete(y)
         if y_np is not None and y_np.size and (y_np.min() < 0 or y_np.max() >= k):
             bad = y_np[(y_np < 0) | (y_np >= k)][0]
             raise ValueError(f"label {bad} is out of range: labels must be in [0, {k})")
-        return jax.nn.one_hot(y, k, dtype=dtype)
+        one_hot = jax.nn.one_hot(y, k, dtype=dtype)
+        if y_np is not None or checked:
+            return one_hot
+        valid = (y >= 0) & (y < k)
+        return jnp.where(valid[:, None], one_hot, jnp.asarray(jnp.nan, dtype))
     if len(shape) == 1 and k == 1:
         y = jnp.reshape(y, (-1, 1))
         shape = jnp.shape(y)
@@ -119,7 +126,7 @@ def _binary_cross_entropy_delta(a, y):  # ∂ℓ/∂z = σ(z) − y
     return a - y
 
 
-def per_example_loss(net: MLP, z: jax.Array, a: jax.Array, y: jax.Array) -> jax.Array:
+def per_example_loss(net: AnyNet, z: jax.Array, a: jax.Array, y: jax.Array) -> jax.Array:
     """ℓ_i for each example: ``(B,)``, from output logits ``z``, activations ``a``, targets ``y``."""
     if net.loss == "mse":
         return _mse(z, a, y)
@@ -128,7 +135,7 @@ def per_example_loss(net: MLP, z: jax.Array, a: jax.Array, y: jax.Array) -> jax.
     return _binary_cross_entropy(z, a, y)
 
 
-def output_delta(net: MLP, z: jax.Array, a: jax.Array, y: jax.Array) -> jax.Array:
+def output_delta(net: AnyNet, z: jax.Array, a: jax.Array, y: jax.Array) -> jax.Array:
     """Per-example ``δ_i^L = ∂ℓ_i/∂z_i^L``, shape ``(B, n_L)``; the batch mean's δ^L is this / B."""
     if net.loss == "cross_entropy":
         return _cross_entropy_delta(a, y)
@@ -137,37 +144,78 @@ def output_delta(net: MLP, z: jax.Array, a: jax.Array, y: jax.Array) -> jax.Arra
     return net.activation(net.num_layers).backward(z, a, _mse_grad_a(a, y))
 
 
+def check_regularisation(l1, l2) -> jax.Array | None:
+    """Checks the penalty strengths: each must be a finite number ≥ 0.
+
+    Returns:
+      ``None`` when both are concrete (and valid); else the traced condition that both are
+      valid, for :func:`fnbackprop.checks.poison`.
+
+    Raises:
+      ValueError: a concrete ``l1`` or ``l2`` that is negative, not finite or not a number.
+    """
+    allowed = "a finite number ≥ 0"
+    return checks.all_ok(
+        checks.scalar_rule(l1, "l1", allowed, checks.NON_NEGATIVE_FINITE),
+        checks.scalar_rule(l2, "l2", allowed, checks.NON_NEGATIVE_FINITE),
+    )
+
+
+def _strengths(l1, l2):
+    """``(l1, l2)`` checked; traced invalid ones replaced by NaN (so every use is NaN)."""
+    ok = check_regularisation(l1, l2)
+    if ok is None:
+        return l1, l2
+    return jnp.where(ok, l1, jnp.nan), jnp.where(ok, l2, jnp.nan)
+
+
 def penalty(params: Params, l1: float = 0.0, l2: float = 0.0) -> jax.Array:
-    """``l1 Σ|w| + (l2/2) Σ w²`` over the weights of every layer (biases are not penalised)."""
-    total = jnp.zeros((), params[0]["w"].dtype)
+    """``l1 Σ|w| + (l2/2) Σ w²`` over the weights of every layer (biases are not penalised).
+
+    Traced arguments: a negative or non-finite ``l1`` or ``l2`` gives NaN.
+    """
+    l1, l2 = _strengths(l1, l2)
+    total = jnp.zeros((), param_dtype(params))
     for p in params:
-        w = p["w"]
-        total = total + l1 * jnp.sum(jnp.abs(w)) + 0.5 * l2 * jnp.sum(w * w)
+        if p:
+            w = p["w"]
+            total = total + l1 * jnp.sum(jnp.abs(w)) + 0.5 * l2 * jnp.sum(w * w)
     return total
 
 
 def penalty_grad(w: jax.Array, l1: float = 0.0, l2: float = 0.0) -> jax.Array:
-    """Gradient of the penalty with respect to one weight matrix: ``l1 sign(w) + l2 w``."""
+    """Gradient of the penalty with respect to one weight array: ``l1 sign(w) + l2 w``.
+
+    Traced arguments: a negative or non-finite ``l1`` or ``l2`` makes every entry NaN.
+    """
+    l1, l2 = _strengths(l1, l2)
     return l1 * jnp.sign(w) + l2 * w
 
 
-def check_regularisation(l1, l2) -> None:
-    """Raises ``ValueError`` for a concrete negative or non-finite ``l1`` or ``l2``."""
-    for name, v in (("l1", l1), ("l2", l2)):
-        v_np = _concrete_numpy(v)
-        if v_np is not None and (v_np.shape != () or not np.isfinite(v_np) or v_np < 0):
-            raise ValueError(f"{name} must be a finite number ≥ 0, got {v!r}")
-
-
-def data_loss(net: MLP, params: Params, x: jax.Array, y: jax.Array, masks=None) -> jax.Array:
+def data_loss(net: AnyNet, params: Params, x: jax.Array, y: jax.Array, masks=None) -> jax.Array:
     """Batch-mean data loss (no penalty) with optional dropout masks."""
-    y = prepare_targets(net, y, x.shape[0], params[0]["w"].dtype)  # checked before any work
-    trace = forward_trace(net, params, x, masks)
-    return jnp.mean(per_example_loss(net, trace.z[-1], trace.a[-1], y))
+    check_params(net, params)
+    check_inputs(net, x)
+    y = prepare_targets(net, y, x.shape[0], param_dtype(params))  # checked before any work
+    return _data_loss(net, params, x, y, masks)
+
+
+def _data_loss(net: AnyNet, params: Params, x: jax.Array, y: jax.Array, masks) -> jax.Array:
+    """:func:`data_loss` on prepared targets ``(B, n_L)``, without the checks."""
+    return _objective(net, params, x, y, masks)[0]
+
+
+def _objective(net: AnyNet, params: Params, x, y, masks, l1=0.0, l2=0.0):
+    """``(batch-mean data loss + penalty, forward trace)`` on prepared targets, unchecked."""
+    trace = _forward_trace(net, params, x, masks)
+    value = jnp.mean(per_example_loss(net, trace.z[-1], trace.a[-1], y))
+    if not (checks.is_concrete_zero(l1) and checks.is_concrete_zero(l2)):
+        value = value + penalty(params, l1, l2)
+    return value, trace
 
 
 def loss(
-    net: MLP,
+    net: AnyNet,
     params: Params,
     x: jax.Array,
     y: jax.Array,
@@ -182,19 +230,23 @@ def loss(
     Args:
       net: the network.
       params: its parameters.
-      x: inputs ``(B, n_0)``.
+      x: inputs ``(B, *net.input_shape)``.
       y: targets, see :func:`prepare_targets`.
-      l1: L1 strength: adds ``l1 Σ|w|``.
+      l1: L1 strength: adds ``l1 Σ|w|`` (every weight array; biases are not penalised).
       l2: L2 strength: adds ``(l2/2) Σ w²``.
-      dropout: inverted-dropout rate on every hidden layer's activations, in [0, 1).
+      dropout: inverted-dropout rate on every hidden Dense layer's activations, in [0, 1).
       key: PRNG key for the dropout masks (required when ``dropout > 0``).
 
     Returns:
       A scalar.
+
+    Traced arguments: a negative or non-finite ``l1``/``l2``, or a dropout rate outside
+    [0, 1), gives NaN; a traced label outside [0, K) gives NaN (see :func:`prepare_targets`).
     """
     check_regularisation(l1, l2)
     check_params(net, params)
     check_inputs(net, x)
-    prepare_targets(net, y, x.shape[0], params[0]["w"].dtype)
-    masks = dropout_masks(net, key, dropout, x.shape[0], params[0]["w"].dtype)
-    return data_loss(net, params, x, y, masks) + penalty(params, l1, l2)
+    dtype = param_dtype(params)
+    y = prepare_targets(net, y, x.shape[0], dtype)
+    masks = dropout_masks(net, key, dropout, x.shape[0], dtype)
+    return _objective(net, params, x, y, masks, l1, l2)[0]

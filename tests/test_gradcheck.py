@@ -311,3 +311,92 @@ def test_cli_in_process_float32_and_mutation(capsys, monkeypatch):
     assert [(r[0], r[1], r[-1]) for r in rows] == [
         ("1", "w", "NO"), ("1", "b", "NO"), ("2", "w", "NO"), ("2", "b", "NO"),
         ("3", "w", "yes"), ("3", "b", "yes")]
+
+
+# --- kinks: finite differences across relu/leaky_relu/elu at 0 ---------------------------------
+def _relu_derivative_everywhere_one():
+    wrong = dict(activations_module.ACTIVATIONS)
+    relu = wrong["relu"]
+    d_wrong = lambda z, a: jnp.ones_like(z)  # noqa: E731 - the mutation: relu' = 1 everywhere
+    wrong["relu"] = Activation("relu", relu.fn, lambda z, a, g: g * d_wrong(z, a), d_wrong)
+    return MappingProxyType(wrong)
+
+
+def test_cli_float32_relu_skips_kinks_and_still_catches_a_wrong_derivative(capsys, monkeypatch):
+    """The reported case: a correct relu gradient in float32, where the finite-difference step
+    (4.9e-3) crosses kinks, used to print FAILED; those entries are now skipped and counted."""
+    args = ["--dtype", "float32", "--hidden", "relu"]
+    code, out, _ = _main(args, capsys)
+    assert code == 0 and "PASSED" in out, out
+    assert "finite differences skipped: the ±h step crosses a kink" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert sum(int(r[-2]) for r in rows) > 0  # the kinks column
+    monkeypatch.setattr(activations_module, "ACTIVATIONS", _relu_derivative_everywhere_one())
+    code, out, _ = _main(args, capsys)
+    assert code == 1 and "FAILED" in out
+
+
+@pytest.mark.parametrize("hidden", ["relu", "leaky_relu", "elu"])
+def test_kinks_counted_in_every_dtype(hidden):
+    net = fb.MLP((3, 8, 3), hidden, "softmax", "cross_entropy")
+    for dtype in (jnp.float32, jnp.float64):
+        params, x, y = make_data(net, dtype)
+        # Put a pre-activation exactly at the kink: entry (0, 0) of w¹ then moves it across.
+        params[0]["b"] = params[0]["b"].at[0].set(-(x[0] @ params[0]["w"][:, 0]))
+        report = fb.check_gradients(net, params, x, y)
+        assert report.passed, str(report)
+        first = report.rows[0]
+        assert first.fd_kinks >= 1 and first.fd_checked + first.fd_kinks == 24
+        assert report.to_dict()["fd_kinks"] == report.fd_kinks >= 1
+        assert f"{report.fd_kinks} finite differences skipped" in str(report)
+
+
+def test_conv_network_gradient_check():
+    net = fb.Network((12, 2), (fb.Conv1D(3, 3, 1, "SAME", "relu"), fb.Conv1D(3, 4, 2, "VALID", "relu"),
+                               fb.Flatten(), fb.Dense(3, "softmax")), "cross_entropy")
+    # float32, where the step crosses kinks (float64: test_cli_conv_network).
+    params = fb.init(jax.random.key(0), net, "he_normal", dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(1), (6, 12, 2), jnp.float32)
+    report = fb.check_gradients(net, params, x, jnp.array([0, 1, 2, 0, 1, 2]), l2=0.01,
+                                max_fd_per_param=16)
+    assert report.passed, str(report)
+    assert [(r.layer, r.param) for r in report.rows] == [
+        (1, "w"), (1, "b"), (2, "w"), (2, "b"), (4, "w"), (4, "b")]  # no row for Flatten
+
+
+def test_cli_conv_network(capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    args = ["--input-shape", "12,2", "--conv", "3:3,3:3:2", "--sizes", "4,3", "--hidden", "relu",
+            "--batch-size", "4", "--max-fd", "8", "--json", str(out_json)]
+    code, out, err = _main(args, capsys)
+    assert code == 0 and "PASSED" in out, out + err
+    assert "input 12x2 conv3:3:1 conv3:3:2 flatten dense(4, 3)" in out
+    report = json.loads(out_json.read_text())
+    assert [r["layer"] for r in report["rows"]] == [1, 1, 2, 2, 4, 4, 5, 5]
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--conv", "3:3"], "--conv needs --input-shape L,C"),
+        (["--input-shape", "12"], "--input-shape must be L,C"),
+        (["--input-shape", "12,0"], "0 in '12,0' must be ≥ 1"),
+        (["--input-shape", "12,2", "--conv", "3:0"], "--conv: 0 in '3:0' must be ≥ 1"),
+        (["--input-shape", "12,2", "--conv", "3"], "'3' in '3' must be C:K or C:K:S"),
+        (["--input-shape", "12,2", "--conv", "3:a"], "'a' in '3:a' is not an integer"),
+        (["--input-shape", "12,2", "--sizes", "1"], "single output unit"),
+    ],
+)
+def test_cli_conv_bad_flags(capsys, args, named):
+    code, out, err = _main(args, capsys)
+    assert code == 2 and out == "", (args, out)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "error" in lines[0], err
+
+
+def test_cli_json_into_a_folder_or_a_missing_folder_is_refused_before_the_check(capsys, tmp_path):
+    for path, named in ((tmp_path, "is a folder"), (tmp_path / "no" / "r.json", "does not exist")):
+        code, out, err = _main(["--sizes", "3,4,3", "--json", str(path)], capsys)
+        assert code == 2 and out == "", out  # the check did not run: nothing on stdout
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and named in lines[0] and "Traceback" not in err, err

@@ -175,7 +175,8 @@ def _data_gradient(spec: StepSpec):
             grads = jax.grad(lambda p: _weighted_loss(net, p, x, y_t, m / denom, bw.trace.masks)
                              )(params)
         else:
-            grads = grads_from_backward(params, bw, scale=None if w is not None else 1.0 / denom)
+            grads = grads_from_backward(params, bw, scale=None if w is not None else 1.0 / denom,
+                                        net=net)
         # The weighted deltas are w_i δ_i: Σ_i ‖w_i δ_i‖ · denom = Σ_i m_i ‖δ_i‖.
         delta_sum = _delta_sums(spec, params, bw.delta) * (denom if w is not None else 1.0)
         return loss_sum, grads, delta_sum, jnp.sum(m)

@@ -375,9 +375,9 @@ def test_outputs_checkpoints_and_resume_equal_an_uninterrupted_run(xor, tmp_path
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l) for l in lines] == r.history
     assert json.loads((out / "summary.json").read_text()) == r.summary
-    want = dataclasses.asdict(C.make_config(None, {k: v for k, v in kw.items() if k != "data"},
-                                            None))
-    assert r.summary["config"] == {**want, "hidden": [8]}
+    want = C.make_config(None, {k: v for k, v in kw.items() if k != "data"}, None)
+    assert r.summary["config"] == {**dataclasses.asdict(want), "hidden": [8], "conv": []}
+    assert r.summary["config"] == want.to_dict()
     for png in ("curves.png", "gradient_flow.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(out / "checkpoints")) == ["3", "4", "5"]

@@ -10,7 +10,14 @@ from __future__ import annotations
 import json
 import os
 
-from fnbackprop.cli.args import Formatter, UsageError, parse_int_list, positive_float, positive_int, rate
+from fnbackprop.cli.args import (
+    Formatter,
+    UsageError,
+    parse_int_list,
+    positive_float,
+    positive_int,
+    rate,
+)
 
 __all__ = ["add_parser", "parse_conv"]
 

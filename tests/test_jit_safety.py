@@ -148,3 +148,17 @@ def test_checked_labels_are_one_hot_encoded_without_guard_ops():
     y_t = prepare_targets(NET, jnp.array([0, 2, 1, 1]), 4, jnp.float64, checked=True)
     np.testing.assert_array_equal(fb.backward(NET, params, x, y_t).delta[0],
                                   fb.backward(NET, params, x, jnp.array([0, 2, 1, 1])).delta[0])
+
+
+def test_traced_arguments_keep_the_parameters_dtype():
+    """The guards are weakly typed: traced float arguments leave float32 results float32."""
+    net = fb.MLP((3, 4, 3), "relu", "softmax", "cross_entropy")
+    params = fb.init(jax.random.key(0), net, dtype=jnp.float32)
+    x, y = jnp.ones((2, 3), jnp.float32), jnp.array([0, 1])
+    key = jax.random.key(0)
+    results = jax.jit(lambda p, v: (
+        fb.manual_grad(net, p, x, y, l1=v, l2=v, dropout=v, key=key),
+        fb.clipped_grad(net, p, x, y, v, normalize_by=v, noise_multiplier=v, key=key),
+        fb.loss(net, p, x, y, l2=v, dropout=v, key=key),
+    ))(params, 0.5)
+    assert {v.dtype for v in jax.tree.leaves(results)} == {jnp.dtype(jnp.float32)}

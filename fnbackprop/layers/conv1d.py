@@ -141,8 +141,9 @@ class Conv1D:
         VALID, at least one kernel long."""
         if len(input_shape) != 2:
             raise ValueError(
-                f"{self} needs a (length, channels) input, got {input_shape} (a Conv1D cannot "
-                "follow a Flatten or a Dense layer)"
+                f"{self} needs a (length, channels) input, got {input_shape}: a Conv1D cannot "
+                "follow a Flatten or a Dense layer, and as the first layer it needs a "
+                "2-D input_shape"
             )
         if self.padding == "VALID" and self.kernel > input_shape[0]:
             raise ValueError(

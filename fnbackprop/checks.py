@@ -4,8 +4,9 @@ A value is *concrete* when it is known on the host (a Python number, a NumPy or 
 array) and *traced* when it is a placeholder under ``jit``, ``vmap`` or ``grad``. A concrete bad
 value raises ``ValueError`` naming it and what is allowed, before any work. A traced value
 cannot be inspected on the host, so a scalar check returns the traced condition instead; the
-function that uses the value then passes it to :func:`poison`, which turns every entry of the
-result into NaN when the condition fails. The rule for traced arguments throughout fnbackprop:
+function that uses the value then passes it to :func:`nan_unless` on a scalar (or array) that
+every entry of its result goes through, which turns the result into NaN when the condition
+fails. The rule for traced arguments throughout fnbackprop:
 *an invalid traced argument makes the result NaN*: never a flipped, zeroed or unclipped one.
 
 Shapes and dtypes are static even under ``jit``, so shape and dtype checks always raise.
@@ -29,7 +30,6 @@ __all__ = [
     "is_concrete_zero",
     "scalar_rule",
     "all_ok",
-    "poison",
     "nan_unless",
     "check_key",
     "check_numeric",
@@ -97,7 +97,7 @@ def scalar_rule(v: Any, name: str, allowed: str, ok: Callable[[Any], Any]) -> ja
 
     Returns:
       ``None`` for a concrete value (which passed); for a traced value the traced boolean
-      ``ok(v)``, to be given to :func:`poison`.
+      ``ok(v)``, to be given to :func:`nan_unless`.
 
     Raises:
       ValueError: ``v`` is concrete and fails ``ok``, or is not a real scalar.
@@ -121,25 +121,17 @@ def all_ok(*conditions: jax.Array | None) -> jax.Array | None:
     return out
 
 
-def poison(tree: Any, ok: jax.Array | None) -> Any:
-    """Every entry of ``tree`` when ``ok`` holds, else NaN; ``ok=None`` returns ``tree`` unchanged.
-
-    ``jnp.where``, not a multiplication, so that it also overrides infinities and zeros.
-    """
-    if ok is None:
-        return tree
-    return jax.tree.map(lambda v: jnp.where(ok, v, jnp.asarray(jnp.nan, v.dtype)), tree)
-
-
 def nan_unless(ok: jax.Array | None, value: Any) -> Any:
-    """``value`` when ``ok`` holds, else NaN; ``ok=None`` returns ``value`` unchanged.
+    """``value`` (a scalar or an array) when ``ok`` holds, else NaN; ``ok=None`` returns ``value``
+    unchanged (no operation at all for concrete, checked arguments).
 
-    For a scalar that every entry of a result goes through (a step size, a scale), so that an
-    invalid traced argument reaches the whole result at the cost of one scalar operation.
+    Best applied to a scalar that every entry of a result goes through (a scale, a step size),
+    so that an invalid traced argument reaches the whole result at the cost of one scalar op.
+    ``jnp.where``, not a multiplication: it also overrides infinities and zeros.
     """
     if ok is None:
         return value
-    return jnp.where(ok, value, jnp.nan).astype(jnp.result_type(value))
+    return jnp.where(ok, value, jnp.nan)  # NaN is weakly typed: value's dtype is kept
 
 
 def check_key(key: Any, name: str = "key") -> None:

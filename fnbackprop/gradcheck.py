@@ -211,8 +211,8 @@ def check_gradients(
         value, trace = _objective(net, unravel(f), x, y_t, masks, l1, l2)
         return value, [jnp.sign(trace.z[l]) for l in kinked]
 
-    # Jitted: one compile instead of compiling every primitive eagerly (several times faster
-    # cold). The keywords are closed over, so they stay concrete; y was checked above.
+    # Jitted: one compile instead of one per primitive and shape when run eagerly. The keywords
+    # are closed over, so they stay concrete; y was checked above.
     g_manual, g_auto, (_, signs0) = jax.jit(lambda p, f, x, y: (
         grad_fn(net, p, x, y, **kw), autodiff_grad(net, p, x, y, **kw), value_and_signs(f),
     ))(params, flat, x, y)

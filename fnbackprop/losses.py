@@ -149,7 +149,7 @@ def check_regularisation(l1, l2) -> jax.Array | None:
 
     Returns:
       ``None`` when both are concrete (and valid); else the traced condition that both are
-      valid, for :func:`fnbackprop.checks.poison`.
+      valid, for :func:`fnbackprop.checks.nan_unless`.
 
     Raises:
       ValueError: a concrete ``l1`` or ``l2`` that is negative, not finite or not a number.

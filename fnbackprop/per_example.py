@@ -17,16 +17,19 @@ applied to every window ``u_{i,t}``: ``G_i = ∂ℓ_i/∂W = Σ_t u_{i,t} δ_{i,
 
 and a per-example weighted sum of the gradients is one weighted backward step per layer:
 ``Σ_i c_i ∂ℓ_i/∂W^l = a^{l−1 ᵀ} (c ⊙ δ^l)`` (for a convolution ``Uᵀ (c ⊙ δ)``), through the
-same :func:`fnbackprop.layers.weight_grad` as the batch gradient. :func:`per_example_grad_norms`
+same :func:`fnbackprop.layers.weight_grad` as the batch gradient (a layer that formed its
+``G_i`` for the norms sums those instead: ``Σ_i c_i G_i``). :func:`per_example_grad_norms`
 and :func:`clipped_grad` therefore use the memory of a plain step (the forward trace and the
 deltas) instead of the ``B × P`` numbers of ``vmap(jax.grad)``, in one forward and one backward
 pass.
 
 Memory in detail: global clipping needs every layer's δ before any factor ``c_i`` is known, so
 all deltas are alive at once, where a plain step can drop ``δ^{l+1}`` once ``δ^l`` is formed;
-when the input is no wider than the hidden layers this can be one more ``(B, n)`` buffer than a
-plain step (the benchmark ``scripts/bench_per_example.py`` measures it). Per-layer clipping
-waits for nothing.
+this can be one more ``(B, n)`` buffer than a plain step. Per-layer clipping waits for nothing.
+Zeroing the rows that do not count (below) takes a copy of the input batch when the batch is
+an argument of the jitted step, and none inside a ``lax.scan`` over batches (as ``fb.train``
+runs an epoch), where the zeroing happens in place. ``scripts/bench_per_example.py`` measures
+both.
 
 Robustness (as jax_privacy's ``nan_safe``): an example whose gradient norm is not finite
 contributes nothing (its factor is 0 and its rows are zeroed with ``jnp.where``, so that

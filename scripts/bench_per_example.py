@@ -13,18 +13,31 @@ same float32 network and batch:
   gradients, then norms, clipping and the mean. Skipped where it cannot fit (the 4096-wide GPU
   preset: B × P × 4 bytes is printed instead).
 
+With ``--conv`` the network's convolutions are fnbackprop's Conv1D (windows and matmuls on
+CPU), which ``plain`` and ``vmap`` differentiate too; two more variants write the same network
+with ``lax.conv_general_dilated``, as a JAX user would:
+
+* ``plain_lax``: ``jax.grad`` of that network;
+* ``vmap_lax``: ``vmap(jax.grad)`` clipping of that network.
+
 Timing: compile and warm up every variant, then ``--reps`` rounds; each round times every
 variant once (the order rotates between rounds), each sample running ``inner`` chained steps
 (chosen so that a plain sample lasts ≥ ``--min-sample-ms``) and blocking at the end. Reported:
 the median per step. Memory: ``temp_size_in_bytes`` of XLA's compiled memory analysis (buffers
-other than arguments and outputs), no run needed.
+other than arguments and outputs), no run needed, of the step alone and of an epoch (a
+``lax.scan`` of the step over 4 batches, as ``fb.train`` runs it). A step alone takes x as an
+argument, so per-example clipping pays for one zeroed copy of the batch (non-finite and masked
+rows are zeroed with ``jnp.where``); inside an epoch that copy is made in place.
 
 Goals (issue 3): clipped / plain ≤ 1.2 on CPU (≤ 1.10 on GPU); vmap / clipped ≥ 10 on CPU
 (≥ 30 at B=1024, width 1024 on GPU); compiled temp memory clipped / plain ≤ 1.1.
+``--conv`` (the MNIST-1D CNN at B=256): clipped / plain ≤ 1.3, vmap / clipped ≥ 5, compiled temp
+memory clipped / plain ≤ 1.2 (step alone), each also against the lax variants.
 
 Usage::
 
     python scripts/bench_per_example.py                      # CPU: 784-512-512-10, B=256
+    python scripts/bench_per_example.py --conv               # the MNIST-1D CNN, B=256
     python scripts/bench_per_example.py --gpu --json r.json --markdown r.md
 """
 
@@ -49,12 +62,14 @@ import fnbackprop as fb  # noqa: E402
 from fnbackprop.cli.args import UsageError, parse_int_list, positive_float, positive_int  # noqa: E402
 
 CPU_PRESET = [((784, 512, 512, 10), 256, True)]
+CONV_PRESET = [("cnn", 256, True)]
 GPU_PRESET = [
     ((784, 1024, 1024, 1024, 10), 256, True),
     ((784, 1024, 1024, 1024, 10), 1024, True),
     ((784, 4096, 4096, 4096, 10), 4096, False),
 ]
 VARIANTS = ("plain", "manual", "clipped", "clipped_layer", "dp", "vmap")
+CONV_VARIANTS = ("plain_lax", "vmap_lax")  # --conv: the same network written with lax convolutions
 LR = 0.01
 CLIP = 1.0
 
@@ -65,7 +80,22 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_steps(net: fb.MLP) -> dict:
+def mnist1d_cnn() -> fb.Network:
+    """The MNIST-1D CNN: 40×1 input, three Conv1D 25×5 relu (strides 1, 2, 2), Flatten, Dense 10."""
+    return fb.Network(
+        (40, 1), (fb.Conv1D(25, 5, 1, "SAME", "relu"), fb.Conv1D(25, 5, 2, "SAME", "relu"),
+                  fb.Conv1D(25, 5, 2, "SAME", "relu"), fb.Flatten(), fb.Dense(10, "softmax")),
+        "cross_entropy")
+
+
+def make_net(sizes):
+    """``"cnn"``: :func:`mnist1d_cnn`; else an MLP of these widths."""
+    if sizes == "cnn":
+        return mnist1d_cnn()
+    return fb.MLP(sizes, hidden="relu", output="softmax", loss="cross_entropy")
+
+
+def build_steps(net) -> dict:
     """The jitted steps ``(params, key, x, y) -> (new params, next key)`` of every variant.
 
     Only ``dp`` uses the key (split inside the step, so no step pays for host-side key work).
@@ -92,33 +122,66 @@ def build_steps(net: fb.MLP) -> dict:
 
     def vmap(params, key, x, y):
         g = fb.per_example_grads(net, params, x, y, method="vmap")  # B × P numbers
-        sq = sum(jnp.sum(l["w"] ** 2, axis=(1, 2)) + jnp.sum(l["b"] ** 2, axis=1) for l in g)
-        norms = jnp.sqrt(sq)
-        c = jnp.where(norms > CLIP, CLIP / jnp.where(norms > CLIP, norms, 1.0), 1.0) / x.shape[0]
-        return sgd(params, jax.tree.map(lambda t: jnp.tensordot(c, t, axes=1), g)), key
+        return sgd(params, _clipped_mean(g, x.shape[0])), key
 
     fns = dict(plain=plain, manual=manual, clipped=clipped, clipped_layer=clipped_layer, dp=dp, vmap=vmap)
+    if isinstance(net, fb.Network):
+        from bench_conv import (
+            reference_loss,  # the network written with lax.conv_general_dilated
+        )
+
+        def plain_lax(params, key, x, y):
+            return sgd(params, jax.grad(lambda p: reference_loss(net, p, x, y))(params)), key
+
+        def vmap_lax(params, key, x, y):
+            g = jax.vmap(lambda x_i, y_i: jax.grad(
+                lambda p: reference_loss(net, p, x_i[None], y_i[None]))(params))(x, y)
+            return sgd(params, _clipped_mean(g, x.shape[0])), key
+
+        fns.update(plain_lax=plain_lax, vmap_lax=vmap_lax)
     return {k: jax.jit(v) for k, v in fns.items()}
 
 
+def _clipped_mean(g, batch):
+    """Clipping of materialised per-example gradients (the vmap variants): norms, factors, mean."""
+    norms = jnp.sqrt(sum(jnp.sum(v.reshape(batch, -1) ** 2, axis=1) for v in jax.tree.leaves(g)))
+    c = jnp.where(norms > CLIP, CLIP / jnp.where(norms > CLIP, norms, 1.0), 1.0) / batch
+    return jax.tree.map(lambda t: jnp.tensordot(c, t, axes=1), g)
+
+
+def epoch_temp(step, params, key, x, y, batches=4):
+    """Compiled temp memory of a ``lax.scan`` of ``step`` over ``batches`` batches."""
+    xs = jnp.broadcast_to(x, (batches,) + x.shape)
+    ys = jnp.broadcast_to(y, (batches,) + y.shape)
+
+    def epoch(p, k, xs, ys):
+        return jax.lax.scan(lambda c, xy: (step(*c, *xy), None), (p, k), (xs, ys))[0]
+
+    mem = jax.jit(epoch).lower(params, key, xs, ys).compile().memory_analysis()
+    return int(mem.temp_size_in_bytes) if mem is not None else None
+
+
 def bench_config(sizes, batch, with_vmap, reps, min_sample_ms, seed=0) -> dict:
-    net = fb.MLP(sizes, hidden="relu", output="softmax", loss="cross_entropy")
+    net = make_net(sizes)
     k_p, k_x, k_y = jax.random.split(jax.random.key(seed), 3)
     params = fb.init(k_p, net, dtype=jnp.float32)
-    x = jax.random.normal(k_x, (batch, sizes[0]), jnp.float32)
-    y = jax.random.randint(k_y, (batch,), 0, sizes[-1])
+    x = jax.random.normal(k_x, (batch, *net.input_shape), jnp.float32)
+    y = jax.random.randint(k_y, (batch,), 0, net.output_size)
     key = jax.random.key(seed + 1)
     steps = build_steps(net)
-    variants = [v for v in VARIANTS if with_vmap or v != "vmap"]
+    variants = [v for v in VARIANTS + (CONV_VARIANTS if sizes == "cnn" else ())
+                if with_vmap or not v.startswith("vmap")]
     vmap_bytes = batch * net.num_params * 4
 
-    temp = {}
+    temp, temp_epoch = {}, {}
     compiled = {}
     for v in variants:
         c = steps[v].lower(params, key, x, y).compile()
         compiled[v] = c
         mem = c.memory_analysis()
         temp[v] = int(mem.temp_size_in_bytes) if mem is not None else None
+        if v in ("plain", "clipped", "clipped_layer"):
+            temp_epoch[v] = epoch_temp(steps[v], params, key, x, y)
 
     def run(v, n):
         p, k = params, key
@@ -134,8 +197,9 @@ def bench_config(sizes, batch, with_vmap, reps, min_sample_ms, seed=0) -> dict:
         run(v, 1)
         one = time.perf_counter() - t0
         inner[v] = max(1, math.ceil(min_sample_ms / 1e3 / max(one, 1e-7)))
-    if with_vmap:
-        inner["vmap"] = 1  # seconds per step on CPU: one step is a long enough sample
+    for v in variants:
+        if v.startswith("vmap") and jax.default_backend() == "cpu":
+            inner[v] = 1  # seconds per step on CPU: one step is a long enough sample
     samples = {v: [] for v in variants}
     for r in range(reps):
         order = variants[r % len(variants):] + variants[: r % len(variants)]
@@ -158,12 +222,18 @@ def bench_config(sizes, batch, with_vmap, reps, min_sample_ms, seed=0) -> dict:
         "dp/plain": ratio("dp", "plain", ms),
         "manual/plain": ratio("manual", "plain", ms),
         "vmap/clipped": ratio("vmap", "clipped", ms),
+        "clipped/plain_lax": ratio("clipped", "plain_lax", ms),
+        "vmap_lax/clipped": ratio("vmap_lax", "clipped", ms),
+        "mem clipped/plain_lax": ratio("clipped", "plain_lax", temp),
         "mem clipped/plain": ratio("clipped", "plain", temp),
         "mem clipped_layer/plain": ratio("clipped_layer", "plain", temp),
         "mem vmap/plain": ratio("vmap", "plain", temp),
+        "mem epoch clipped/plain": ratio("clipped", "plain", temp_epoch),
+        "mem epoch clipped_layer/plain": ratio("clipped_layer", "plain", temp_epoch),
     }
     return {
-        "sizes": list(sizes),
+        "sizes": sizes if sizes == "cnn" else list(sizes),
+        "net": _name(sizes),
         "batch": batch,
         "num_params": net.num_params,
         "ms_per_step": ms,
@@ -171,6 +241,7 @@ def bench_config(sizes, batch, with_vmap, reps, min_sample_ms, seed=0) -> dict:
         "steps_per_sample": inner,
         "reps": reps,
         "temp_bytes": temp,
+        "temp_bytes_epoch": temp_epoch,
         "ratios": ratios,
         "vmap_skipped": None if with_vmap else (
             f"vmap(jax.grad) would materialise B × P = {batch} × {net.num_params:,} float32 = "
@@ -184,23 +255,37 @@ def _fmt(v, spec="{:.2f}"):
     return "—" if v is None else spec.format(v)
 
 
+def _name(sizes) -> str:
+    return "MNIST-1D CNN" if sizes == "cnn" else "-".join(map(str, sizes))
+
+
 def goals(result: dict, gpu: bool) -> list[tuple[str, bool]]:
     """(description, met) for the issue's goals that this run measures."""
     out = []
-    time_goal = 1.10 if gpu else 1.2
     for c in result["configs"]:
-        name = f"{'-'.join(map(str, c['sizes']))} B={c['batch']}"
+        conv = c["sizes"] == "cnn"
+        name = f"{c['net']} B={c['batch']}"
         r = c["ratios"]
+        time_goal = 1.3 if conv else (1.10 if gpu else 1.2)
         if r["clipped/plain"] is not None:
             out.append((f"{name}: clipped/plain {r['clipped/plain']:.2f} ≤ {time_goal}",
                         r["clipped/plain"] <= time_goal))
+        if r["clipped/plain_lax"] is not None:
+            out.append((f"{name}: clipped/plain_lax {r['clipped/plain_lax']:.2f} ≤ {time_goal}",
+                        r["clipped/plain_lax"] <= time_goal))
+        if r["vmap_lax/clipped"] is not None:
+            out.append((f"{name}: vmap_lax/clipped {r['vmap_lax/clipped']:.1f} ≥ 5",
+                        r["vmap_lax/clipped"] >= 5))
         if r["vmap/clipped"] is not None:
-            want = 30 if (gpu and c["batch"] == 1024 and max(c["sizes"][1:-1]) == 1024) else 10
+            want = 5 if conv else (
+                30 if (gpu and c["batch"] == 1024 and max(c["sizes"][1:-1]) == 1024) else 10)
             out.append((f"{name}: vmap/clipped {r['vmap/clipped']:.1f} ≥ {want}",
                         r["vmap/clipped"] >= want))
-        if r["mem clipped/plain"] is not None:
-            out.append((f"{name}: temp memory clipped/plain {r['mem clipped/plain']:.3f} ≤ 1.1",
-                        r["mem clipped/plain"] <= 1.1))
+        mem_goal = 1.2 if conv else 1.1
+        for key, where in (("mem clipped/plain", "step alone"), ("mem epoch clipped/plain", "epoch")):
+            if r[key] is not None:
+                out.append((f"{name}: temp memory clipped/plain ({where}) {r[key]:.3f} ≤ {mem_goal}",
+                            r[key] <= mem_goal))
     return out
 
 
@@ -211,8 +296,9 @@ def markdown(result: dict) -> str:
         f"median of {result['configs'][0]['reps']} interleaved rounds).",
         "",
         "| net | B | plain ms | clipped ms | clipped / plain | per-layer / plain | DP (noise) / plain "
-        "| vmap ms | vmap / clipped | temp MB plain | temp clipped / plain | temp vmap / plain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| vmap ms | vmap / clipped | temp MB plain | temp clipped / plain | temp vmap / plain "
+        "| epoch temp clipped / plain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in result["configs"]:
         ms, r, t = c["ms_per_step"], c["ratios"], c["temp_bytes"]
@@ -220,11 +306,11 @@ def markdown(result: dict) -> str:
         mem_vmap = (_fmt(r["mem vmap/plain"], "{:.0f}x") if c["vmap_skipped"] is None
                     else f"(needs {c['vmap_materialised_bytes'] / 1e9:.0f} GB)")
         lines.append(
-            f"| {'-'.join(map(str, c['sizes']))} | {c['batch']} | {ms['plain']:.2f} | "
+            f"| {c['net']} | {c['batch']} | {ms['plain']:.2f} | "
             f"{ms['clipped']:.2f} | **{_fmt(r['clipped/plain'])}** | {_fmt(r['clipped_layer/plain'])} | "
             f"{_fmt(r['dp/plain'])} | {vmap_ms} | **{_fmt(r['vmap/clipped'], '{:.1f}x')}** | "
             f"{_fmt(t['plain'] and t['plain'] / 1e6, '{:.1f}')} | {_fmt(r['mem clipped/plain'], '{:.3f}')} | "
-            f"{mem_vmap} |"
+            f"{mem_vmap} | {_fmt(r['mem epoch clipped/plain'], '{:.3f}')} |"
         )
     skipped = [c["vmap_skipped"] for c in result["configs"] if c["vmap_skipped"]]
     for s in skipped:
@@ -237,6 +323,9 @@ def parse_args(argv):
     p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpu", action="store_true",
                    help="GPU preset: 784-1024x3-10 at B=256 and 1024, 784-4096x3-10 at B=4096 (no vmap)")
+    p.add_argument("--conv", action="store_true",
+                   help="the MNIST-1D CNN (40x1, 3 Conv1D 25x5 relu, Dense 10) at B=256 (--batch "
+                   "for others); with --gpu: after the GPU preset")
     p.add_argument("--sizes", help="one network instead of the preset, e.g. 784,512,512,10")
     p.add_argument("--batch", help="batch sizes for --sizes, comma-separated (default 256)")
     p.add_argument("--no-vmap", action="store_true", help="skip the vmap(jax.grad) variant")
@@ -248,7 +337,16 @@ def parse_args(argv):
     p.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
     args = p.parse_args(argv)
     try:
-        if args.sizes is not None:
+        if args.conv and args.sizes is not None:
+            raise UsageError("--conv and --sizes are exclusive")
+        if args.conv and args.gpu:  # the GPU preset, then the CNN
+            if args.batch is not None:
+                raise UsageError("--batch with --gpu --conv: give --conv alone")
+            args.configs = [(s, b, v and not args.no_vmap) for s, b, v in GPU_PRESET + CONV_PRESET]
+        elif args.conv:
+            batches = parse_int_list(args.batch or "256", "--batch")
+            args.configs = [("cnn", b, not args.no_vmap) for b in batches]
+        elif args.sizes is not None:
             sizes = parse_int_list(args.sizes, "--sizes")
             if len(sizes) < 2:
                 raise UsageError(f"--sizes needs at least 2 widths, got {args.sizes!r}")
@@ -256,7 +354,7 @@ def parse_args(argv):
             args.configs = [(sizes, b, not args.no_vmap) for b in batches]
         else:
             if args.batch is not None:
-                raise UsageError("--batch needs --sizes")
+                raise UsageError("--batch needs --sizes or --conv")
             preset = GPU_PRESET if args.gpu else CPU_PRESET
             args.configs = [(s, b, v and not args.no_vmap) for s, b, v in preset]
     except UsageError as e:
@@ -282,8 +380,7 @@ def main(argv=None) -> int:
     }
     print(f"device {result['device']}, JAX {result['jax']}, {result['cpu_count']} CPU cores", flush=True)
     for sizes, batch, with_vmap in args.configs:
-        name = "-".join(map(str, sizes))
-        print(f"\n{name}  B={batch}", flush=True)
+        print(f"\n{_name(sizes)}  B={batch}", flush=True)
         c = bench_config(sizes, batch, with_vmap, args.reps, args.min_sample_ms)
         result["configs"].append(c)
         for v, t in c["ms_per_step"].items():

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Everything GPU-specific, in one go (about 8 minutes at most on one H100/H200):
+# Everything GPU-specific, in one go (about 9 minutes at most on one H100/H200):
 #
 #   1. the machine: nvidia-smi, jax.devices(), versions                    -> env.txt
 #   2. the test suite on the GPU (float64: tests/conftest.py enables x64, so the equivalence
 #      tests compare in float64 and TF32 matmuls cannot hide anything)     -> tests.txt
 #   3. scripts/bench_backward.py --json                                     -> bench_backward.json
-#   4. scripts/bench_per_example.py --gpu --json --markdown                 -> bench_per_example.json
-#   5. the multi-device benchmark (scripts/bench_parallel.py)                -> multi_device.json
-#   6. the per-example cost experiment at full size                         -> experiments.json
+#   4. scripts/bench_per_example.py --gpu --conv --json --markdown          -> bench_per_example.json
+#      (the GPU MLP preset, then the MNIST-1D CNN at B=256)
+#   5. scripts/bench_conv.py --json --markdown (conv step: hand vs jax.grad) -> bench_conv.json
+#   6. the multi-device benchmark (scripts/bench_parallel.py)                -> multi_device.json
+#   7. the per-example cost experiment at full size                         -> experiments.json
 #   and results.md: the stage table and every Markdown table, for the README.
 #
 # Usage: scripts/gpu_check.sh [RESULTS_DIR]
@@ -18,9 +20,10 @@
 # but maybe not hypothesis, orbax, scikit-learn or mnist1d. Test files whose imports are missing
 # are skipped and listed; without hypothesis, tests/conftest.py (which imports it) is replaced
 # by the same settings through environment variables. Each stage has its own time limit
-# (override with TESTS_TIMEOUT, BACKWARD_TIMEOUT, PER_EXAMPLE_TIMEOUT, MULTI_TIMEOUT,
-# EXPERIMENTS_TIMEOUT, in seconds; defaults 180 + 60 + 120 + 45 + 60 = 465 s plus ~10 s of env,
-# inside the 8 minutes); a failing or timed-out stage is recorded and the next runs.
+# (override with TESTS_TIMEOUT, BACKWARD_TIMEOUT, PER_EXAMPLE_TIMEOUT, CONV_TIMEOUT,
+# MULTI_TIMEOUT, EXPERIMENTS_TIMEOUT, in seconds; defaults 180 + 45 + 120 + 45 + 45 + 90 = 525 s
+# plus ~10 s of env, inside one 10-minute device command); a failing or timed-out stage is
+# recorded and the next runs.
 # Set GPU_TESTS to a list of test files to run those instead of the default selection.
 
 set -uo pipefail
@@ -80,7 +83,7 @@ cat "$RESULTS/env.txt"
 
 # --- 2. the test suite on the GPU ------------------------------------------------------------
 # Priority order: if the limit cuts the run short, the equivalence tests have run.
-PRIORITY="tests/test_equivalence.py tests/test_per_example.py tests/test_gradcheck.py tests/test_losses.py tests/test_inputs.py"
+PRIORITY="tests/test_equivalence.py tests/test_conv.py tests/test_per_example.py tests/test_per_example_conv.py tests/test_gradcheck.py tests/test_losses.py tests/test_inputs.py"
 # test_parallel_grad.py checks 8 *simulated CPU* devices (jax.device_count() == 8), which a GPU
 # process does not have; stage 5 is where sharding on GPUs belongs.
 EXCLUDE="tests/test_parallel_grad.py"
@@ -139,7 +142,7 @@ if [ -f scripts/bench_backward.py ]; then
   HELP=$("$PY" scripts/bench_backward.py --help 2>&1 || true)
   case "$HELP" in *--gpu*) ARGS+=(--gpu) ;; esac
   case "$HELP" in *--markdown*) ARGS+=(--markdown "$SCRATCH/bench_backward.md") ;; esac
-  stage bench_backward "${BACKWARD_TIMEOUT:-60}" bench_backward.json -- \
+  stage bench_backward "${BACKWARD_TIMEOUT:-45}" bench_backward.json -- \
     "$PY" scripts/bench_backward.py "${ARGS[@]}"
 else
   echo "| bench_backward | not found | 0 | — |" >>"$STAGES"
@@ -147,16 +150,21 @@ fi
 
 # --- 4. per-example clipping benchmark -------------------------------------------------------
 stage bench_per_example "${PER_EXAMPLE_TIMEOUT:-120}" bench_per_example.json -- \
-  "$PY" scripts/bench_per_example.py --gpu --json "$RESULTS/bench_per_example.json" \
+  "$PY" scripts/bench_per_example.py --gpu --conv --json "$RESULTS/bench_per_example.json" \
   --markdown "$SCRATCH/bench_per_example.md"
 
-# --- 5. multi-device benchmark (steps/s vs number of devices; 1 GPU: the 1-device row only) ---
-stage multi_device "${MULTI_TIMEOUT:-60}" multi_device.json -- \
+# --- 5. conv training step: hand-derived (lax convolutions on GPU) vs jax.grad ------------------
+stage bench_conv "${CONV_TIMEOUT:-45}" bench_conv.json -- \
+  "$PY" scripts/bench_conv.py --reps 20 --json "$RESULTS/bench_conv.json" \
+  --markdown "$SCRATCH/bench_conv.md"
+
+# --- 6. multi-device benchmark (steps/s vs number of devices; 1 GPU: the 1-device row only) ---
+stage multi_device "${MULTI_TIMEOUT:-45}" multi_device.json -- \
   "$PY" scripts/bench_parallel.py --dataset mnist1d --hidden 1024,1024 --batch-size 1024 \
   --epochs 5 --json "$RESULTS/multi_device.json"
 
-# --- 6. experiments at full size: the per-example cost curve (the GPU-specific one) ----------
-stage experiments "${EXPERIMENTS_TIMEOUT:-120}" experiments.json -- \
+# --- 7. experiments at full size: the per-example cost curve (the GPU-specific one) ----------
+stage experiments "${EXPERIMENTS_TIMEOUT:-90}" experiments.json -- \
   bash -c '"$0" experiments/per_example_cost.py --out "$1/per_example_cost" && cp "$1/per_example_cost/results.json" "$2/experiments.json" && cp "$1/per_example_cost/table.md" "$1/experiments.md"' \
   "$PY" "$SCRATCH" "$RESULTS"
 
@@ -169,7 +177,7 @@ stage experiments "${EXPERIMENTS_TIMEOUT:-120}" experiments.json -- \
   cat "$STAGES"
   echo
   echo "Tests: $(grep -E '^(=+ )?[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s' "$RESULTS/tests.txt" | tail -1)"
-  for md in "$SCRATCH"/bench_backward.md "$SCRATCH"/bench_per_example.md "$SCRATCH"/multi_device.md "$SCRATCH"/experiments.md; do
+  for md in "$SCRATCH"/bench_backward.md "$SCRATCH"/bench_per_example.md "$SCRATCH"/bench_conv.md "$SCRATCH"/multi_device.md "$SCRATCH"/experiments.md; do
     [ -f "$md" ] && { echo; echo "## $(basename "$md" .md)"; echo; cat "$md"; }
   done
 } >"$RESULTS/results.md"

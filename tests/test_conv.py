@@ -255,7 +255,8 @@ def test_float32_conv_network():
     params = fb.init(jax.random.key(0), net, dtype=jnp.float32)
     x = jax.random.normal(jax.random.key(1), (8, 20, 1), jnp.float32)
     y = jnp.arange(8) % 10
-    both = jax.jit(lambda p: (fb.manual_grad(net, p, x, y), fb.autodiff_grad(net, p, x, y)))
+    both = jax.jit(lambda p: (fb.manual_grad(net, p, x, y), fb.autodiff_grad(net, p, x, y)),
+                   compiler_options=FAST_COMPILE)
     manual, auto = both(params)
     assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(manual))
     assert_close(manual, auto, 1e-4, "float32")

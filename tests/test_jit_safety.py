@@ -18,6 +18,7 @@ import fnbackprop as fb
 from fnbackprop.losses import prepare_targets
 from fnbackprop.per_example import add_noise
 
+FAST_COMPILE = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
 NET = fb.MLP((3, 4, 3), "tanh", "softmax", "cross_entropy")
 CNN = fb.Network((8, 2), (fb.Conv1D(3, 3, 2, activation="relu"), fb.Flatten(),
                           fb.Dense(3, "softmax")), "cross_entropy")
@@ -93,7 +94,8 @@ def test_jitted_invalid_penalty_strength_is_nan(kw):
 def test_jitted_invalid_noise_multiplier_normalize_by_and_mask_are_nan():
     params, x, y = batch(CNN)
     key = jax.random.key(0)
-    run = jax.jit(lambda p, **kw: fb.clipped_grad(CNN, p, x, y, 0.5, **kw))
+    run = jax.jit(lambda p, **kw: fb.clipped_grad(CNN, p, x, y, 0.5, **kw),
+                  compiler_options=FAST_COMPILE)
     assert all_finite(run(params, noise_multiplier=1.0, key=key, normalize_by=3.0))
     for sigma in (-1.0, math.inf, math.nan):
         assert all_nan(run(params, noise_multiplier=sigma, key=key)), sigma
@@ -146,3 +148,17 @@ def test_checked_labels_are_one_hot_encoded_without_guard_ops():
     y_t = prepare_targets(NET, jnp.array([0, 2, 1, 1]), 4, jnp.float64, checked=True)
     np.testing.assert_array_equal(fb.backward(NET, params, x, y_t).delta[0],
                                   fb.backward(NET, params, x, jnp.array([0, 2, 1, 1])).delta[0])
+
+
+def test_traced_arguments_keep_the_parameters_dtype():
+    """The guards are weakly typed: traced float arguments leave float32 results float32."""
+    net = fb.MLP((3, 4, 3), "relu", "softmax", "cross_entropy")
+    params = fb.init(jax.random.key(0), net, dtype=jnp.float32)
+    x, y = jnp.ones((2, 3), jnp.float32), jnp.array([0, 1])
+    key = jax.random.key(0)
+    results = jax.jit(lambda p, v: (
+        fb.manual_grad(net, p, x, y, l1=v, l2=v, dropout=v, key=key),
+        fb.clipped_grad(net, p, x, y, v, normalize_by=v, noise_multiplier=v, key=key),
+        fb.loss(net, p, x, y, l2=v, dropout=v, key=key),
+    ))(params, 0.5)
+    assert {v.dtype for v in jax.tree.leaves(results)} == {jnp.dtype(jnp.float32)}

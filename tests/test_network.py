@@ -46,12 +46,12 @@ def test_cnn_shapes_params_and_init_scheme_fans():
                       {"w": (5, 25, 25), "b": (25,)}, {}, {"w": (250, 10), "b": (10,)}]
     assert CNN.num_params == sum(v.size for v in jax.tree.leaves(params))
     # he_normal: std √(2/fan_in) with fan_in = kernel × in_channels for a convolution.
-    wide = fb.Network((30, 40), (fb.Conv1D(300, 5), fb.Flatten(), fb.Dense(2, "softmax")))
-    w = np.asarray(fb.init(jax.random.key(1), wide, "he_normal")[0]["w"])  # 60 000 draws
+    wide = fb.Network((30, 40), (fb.Conv1D(100, 5), fb.Flatten(), fb.Dense(2, "softmax")))
+    w = np.asarray(fb.init(jax.random.key(1), wide, "he_normal")[0]["w"])  # 20 000 draws
     assert w.std() == pytest.approx(math.sqrt(2 / (5 * 40)), rel=0.02)
     # xavier: √(2/(fan_in + fan_out)), fan_out = kernel × out_channels.
     w = np.asarray(fb.init(jax.random.key(1), wide, "xavier_normal")[0]["w"])
-    assert w.std() == pytest.approx(math.sqrt(2 / (5 * 40 + 5 * 300)), rel=0.02)
+    assert w.std() == pytest.approx(math.sqrt(2 / (5 * 40 + 5 * 100)), rel=0.02)
 
 
 def test_network_is_frozen_hashable_and_a_static_jit_argument():
@@ -184,10 +184,9 @@ def test_init_in_float32_does_not_warn():
     net = fb.MLP((3, 4, 3))
     with jax.enable_x64(False), warnings.catch_warnings():
         warnings.simplefilter("error")
-        for scheme in ("he_normal", "xavier_uniform", "nielsen"):  # normal, uniform draws; b
-            params = fb.init(jax.random.key(0), net, scheme)
-            assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
-        fb.init(jax.random.key(0), CNN)
+        params = fb.init(jax.random.key(0), net)  # the default dtype was the cause: any scheme
+        assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
+        fb.init(jax.random.key(0), CNN, "nielsen")
 
 
 # --- the MLP is the dense case, with the numbers of before ---------------------------------------

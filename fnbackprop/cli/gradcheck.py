@@ -10,7 +10,14 @@ from __future__ import annotations
 import json
 import os
 
-from fnbackprop.cli.args import Formatter, UsageError, parse_int_list, positive_float, positive_int, rate
+from fnbackprop.cli.args import (
+    Formatter,
+    UsageError,
+    parse_int_list,
+    positive_float,
+    positive_int,
+    rate,
+)
 
 __all__ = ["add_parser", "parse_conv"]
 
@@ -93,7 +100,7 @@ def _build_network(args, fb):
     if args.input_shape is None:
         if args.conv is not None:
             raise UsageError("--conv needs --input-shape L,C")
-        sizes = parse_int_list(args.sizes or _MLP_SIZES, "--sizes")
+        sizes = parse_int_list(_MLP_SIZES if args.sizes is None else args.sizes, "--sizes")
         if len(sizes) < 2:
             raise UsageError(f"--sizes needs at least 2 widths (input and output), got {args.sizes!r}")
         net = fb.MLP(sizes, args.hidden, args.output, args.loss)
@@ -102,7 +109,7 @@ def _build_network(args, fb):
     if len(shape) != 2:
         raise UsageError(f"--input-shape must be L,C (length, channels), got {args.input_shape!r}")
     convs = parse_conv(args.conv) if args.conv is not None else ()
-    sizes = parse_int_list(args.sizes or _DENSE_AFTER_CONV, "--sizes")
+    sizes = parse_int_list(_DENSE_AFTER_CONV if args.sizes is None else args.sizes, "--sizes")
     layers = tuple(fb.Conv1D(c, k, s, "SAME", args.hidden) for c, k, s in convs)
     layers += (fb.Flatten(),) + tuple(fb.Dense(n, args.hidden) for n in sizes[:-1])
     layers += (fb.Dense(sizes[-1], args.output),)

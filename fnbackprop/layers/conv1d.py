@@ -32,12 +32,13 @@ traced:
   (:func:`~fnbackprop.layers.dense.weight_grad` on the windows) and ``δ W_flatᵀ`` (every tap's
   contribution to the input gradient), whose taps are then dilated by the stride, shifted by j
   and summed (``lax.pad`` with interior padding): the transposed convolution, computed
-  matmul-first. XLA's CPU convolutions are slow for these small channel counts, and their
-  weight-gradient form is especially slow inside a ``lax.scan`` over batches (an epoch on
-  device).
+  matmul-first. XLA's CPU convolutions, the weight-gradient one above all, are slow inside a
+  ``lax.scan`` over batches (an epoch on device, as ``fb.train`` runs it); matmuls are not
+  (``scripts/bench_conv.py`` measures both).
 * ``"lax"`` (GPU, TPU): ``lax.conv_general_dilated`` for the forward rule, the transposed
   convolution (``lhs_dilation=s``) and the weight gradient (``rhs_dilation=s``, the batch as
-  the contracted feature axis): the same convolutions ``jax.grad`` emits, run by cuDNN.
+  the contracted feature axis): the same convolutions ``jax.grad`` emits (cuDNN on GPU), so the
+  hand-derived step does the same work as ``jax.grad`` there.
 
 The environment variable ``FNBACKPROP_CONV1D=unfold|lax`` overrides the choice (for
 benchmarks and tests); it is read when a function is traced, so a jitted function keeps the
@@ -140,8 +141,9 @@ class Conv1D:
         VALID, at least one kernel long."""
         if len(input_shape) != 2:
             raise ValueError(
-                f"{self} needs a (length, channels) input, got {input_shape} (a Conv1D cannot "
-                "follow a Flatten or a Dense layer)"
+                f"{self} needs a (length, channels) input, got {input_shape}: a Conv1D cannot "
+                "follow a Flatten or a Dense layer, and as the first layer it needs a "
+                "2-D input_shape"
             )
         if self.padding == "VALID" and self.kernel > input_shape[0]:
             raise ValueError(
@@ -181,7 +183,7 @@ class Conv1D:
         """``∂L/∂a``: the transposed convolution of ``δ`` ``(B, T, c_out)``; ``(B, L, c_in)``."""
         length, c_in = input_shape
         k, s = self.kernel, self.stride
-        t, lo, _ = self._geometry(input_shape)
+        t, lo, hi = self._geometry(input_shape)
         span = s * (t - 1) + 1  # length of the dilated δ̃
         if implementation() == "lax":
             flipped = jnp.flip(p["w"], axis=0).transpose(0, 2, 1)  # W_{k−1−j}ᵀ: (k, c_out, c_in)
@@ -191,7 +193,7 @@ class Conv1D:
         batch = delta.shape[0]
         taps = delta.reshape(batch * t, self.channels) @ p["w"].reshape(k * c_in, self.channels).T
         taps = taps.reshape(batch, t, k, c_in)  # taps[:, t, j] = δ_t W_jᵀ
-        padded = length + lo + self._geometry(input_shape)[2]
+        padded = length + lo + hi
         zero = jnp.zeros((), delta.dtype)
         total = sum(  # tap j of δ_t lands on padded position st + j: dilate by s, shift by j
             lax.pad(taps[:, :, j, :], zero, ((0, 0, 0), (j, padded - j - span, s - 1), (0, 0, 0)))

@@ -33,8 +33,8 @@ class Flatten:
         return {}
 
     def fans(self, input_shape: tuple[int, ...]) -> None:
+        """No parameters, no fans."""
         del input_shape
-        return None
 
     def forward(self, p: dict, a: jax.Array) -> jax.Array:
         """``(B, L, C) -> (B, L·C)``."""

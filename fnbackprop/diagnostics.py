@@ -29,13 +29,13 @@ def layer_grad_norms(grads: Params) -> jax.Array:
     """Frobenius norms ``‖∂L/∂W^l‖_F`` of each layer's weight gradient.
 
     Args:
-      grads: a gradient pytree like the parameters, one ``{"w": (n_{l−1}, n_l), "b": (n_l,)}``
-        dict per layer.
+      grads: a gradient pytree like the parameters, one dict per layer (``{}`` for a layer
+        without parameters, which is left out).
 
     Returns:
-      ``(L,)``: entry l − 1 is layer l's norm.
+      ``(L_p,)``: one norm per layer with parameters, in order.
     """
-    return jnp.stack([jnp.sqrt(jnp.sum(g["w"] * g["w"])) for g in grads])
+    return jnp.stack([jnp.sqrt(jnp.sum(g["w"] * g["w"])) for g in grads if g])
 
 
 def delta_norm_sums(delta: Sequence[jax.Array]) -> jax.Array:

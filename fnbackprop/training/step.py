@@ -168,9 +168,10 @@ def _data_gradient(spec: StepSpec):
             k_drop = jax.random.fold_in(k_drop, jax.lax.axis_index(parallel_lib.DATA_AXIS))
         m = jnp.ones(x.shape[:1], x.dtype) if mask is None else mask.astype(x.dtype)
         w = None if mask is None else m / denom
-        bw = backward(net, params, x, y, dropout=spec.dropout,
+        y_t = _targets(net, y, x.dtype)
+        bw = backward(net, params, x, y_t, dropout=spec.dropout,
                       key=k_drop if spec.dropout > 0 else None, weights=w)
-        y_t, loss_sum = _loss_sum(net, bw.trace, y, mask)
+        loss_sum = _loss_sum(net, bw.trace, y_t, mask)
         if spec.gradient == "autodiff":
             grads = jax.grad(lambda p: _weighted_loss(net, p, x, y_t, m / denom, bw.trace.masks)
                              )(params)
@@ -192,8 +193,9 @@ def _clipped_gradient(spec: StepSpec):
     noise = spec.noise_multiplier / spec.devices  # the devices' noises add up (same key)
 
     def chunk_sums(params, x, y, mask, denom):
-        bw = backward(net, params, x, y)
-        _, loss_sum = _loss_sum(net, bw.trace, y, mask)
+        y_t = _targets(net, y, x.dtype)
+        bw = backward(net, params, x, y_t)
+        loss_sum = _loss_sum(net, bw.trace, y_t, mask)
         grads, _ = clipped_grads_from_backward(net, params, bw, clip, mask=mask,
                                                normalize_by=denom)
         m = jnp.ones(x.shape[:1], x.dtype) if mask is None else mask.astype(x.dtype)
@@ -222,11 +224,15 @@ def _clipped_gradient(spec: StepSpec):
     return data_gradient
 
 
-def _loss_sum(net, trace, y, mask):
-    """``(targets, Σ_i m_i ℓ_i)`` from a forward trace."""
-    y_t = prepare_targets(net, y, y.shape[0], trace.a[-1].dtype)
+def _targets(net, y, dtype):
+    """``(B, n_L)`` targets of labels validated when the data were loaded (no checking op)."""
+    return prepare_targets(net, y, y.shape[0], dtype, checked=True)
+
+
+def _loss_sum(net, trace, y_t, mask):
+    """``Σ_i m_i ℓ_i`` from a forward trace and prepared targets."""
     losses = per_example_loss(net, trace.z[-1], trace.a[-1], y_t)
-    return y_t, jnp.sum(losses if mask is None else jnp.where(mask, losses, 0.0))
+    return jnp.sum(losses if mask is None else jnp.where(mask, losses, 0.0))
 
 
 def _delta_sums(spec: StepSpec, params, delta) -> jax.Array:
@@ -246,7 +252,7 @@ def _weighted_loss(net, params, x, y_t, w, masks):
 def _with_penalty(spec: StepSpec, params, grads):
     if not (spec.l1 or spec.l2):
         return grads
-    return [{"w": g["w"] + penalty_grad(p["w"], spec.l1, spec.l2), "b": g["b"]}
+    return [{"w": g["w"] + penalty_grad(p["w"], spec.l1, spec.l2), "b": g["b"]} if p else g
             for g, p in zip(grads, params)]
 
 

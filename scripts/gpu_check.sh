@@ -8,8 +8,9 @@
 #   4. scripts/bench_per_example.py --gpu --conv --json --markdown          -> bench_per_example.json
 #      (the GPU MLP preset, then the MNIST-1D CNN at B=256)
 #   5. scripts/bench_conv.py --json --markdown (conv step: hand vs jax.grad) -> bench_conv.json
-#   6. the multi-device benchmark (scripts/bench_parallel.py)                -> multi_device.json
-#   7. the per-example cost experiment at full size                         -> experiments.json
+#   6. scripts/bench_private.py (private step vs plain, no peers)           -> results.md only
+#   7. the multi-device benchmark (scripts/bench_parallel.py)                -> multi_device.json
+#   8. the per-example cost experiment at full size                         -> experiments.json
 #   and results.md: the stage table and every Markdown table, for the README.
 #
 # Usage: scripts/gpu_check.sh [RESULTS_DIR]
@@ -21,8 +22,9 @@
 # are skipped and listed; without hypothesis, tests/conftest.py (which imports it) is replaced
 # by the same settings through environment variables. Each stage has its own time limit
 # (override with TESTS_TIMEOUT, BACKWARD_TIMEOUT, PER_EXAMPLE_TIMEOUT, CONV_TIMEOUT,
-# MULTI_TIMEOUT, EXPERIMENTS_TIMEOUT, in seconds; defaults 180 + 45 + 120 + 45 + 45 + 90 = 525 s
-# plus ~10 s of env, inside one 10-minute device command); a failing or timed-out stage is
+# PRIVATE_TIMEOUT, MULTI_TIMEOUT, EXPERIMENTS_TIMEOUT, in seconds; defaults
+# 150 + 45 + 120 + 45 + 60 + 45 + 90 = 555 s plus ~10 s of env, inside one 10-minute device
+# command); a failing or timed-out stage is
 # recorded and the next runs.
 # Set GPU_TESTS to a list of test files to run those instead of the default selection.
 
@@ -131,7 +133,7 @@ fi
   echo
 } >"$RESULTS/tests.txt"
 # shellcheck disable=SC2086
-stage tests "${TESTS_TIMEOUT:-180}" tests.txt -- \
+stage tests "${TESTS_TIMEOUT:-150}" tests.txt -- \
   bash -c '"$0" -m pytest "${@}" 2>&1 | tee -a "'"$RESULTS"'/tests.txt"; exit ${PIPESTATUS[0]}' \
   "$PY" "${PYTEST_ARGS[@]}" $SELECTED
 unset JAX_ENABLE_X64 JAX_NUMPY_RANK_PROMOTION
@@ -158,12 +160,17 @@ stage bench_conv "${CONV_TIMEOUT:-45}" bench_conv.json -- \
   "$PY" scripts/bench_conv.py --reps 20 --json "$RESULTS/bench_conv.json" \
   --markdown "$SCRATCH/bench_conv.md"
 
-# --- 6. multi-device benchmark (steps/s vs number of devices; 1 GPU: the 1-device row only) ---
+# --- 6. private step (Poisson, padded, clipped, noised) vs plain, at the CPU goal's size ------
+stage bench_private "${PRIVATE_TIMEOUT:-60}" results.md -- \
+  "$PY" scripts/bench_private.py --peers "" --reps 7 --json "$SCRATCH/bench_private.json" \
+  --markdown "$SCRATCH/bench_private.md"
+
+# --- 7. multi-device benchmark (steps/s vs number of devices; 1 GPU: the 1-device row only) ---
 stage multi_device "${MULTI_TIMEOUT:-45}" multi_device.json -- \
   "$PY" scripts/bench_parallel.py --dataset mnist1d --hidden 1024,1024 --batch-size 1024 \
   --epochs 5 --json "$RESULTS/multi_device.json"
 
-# --- 7. experiments at full size: the per-example cost curve (the GPU-specific one) ----------
+# --- 8. experiments at full size: the per-example cost curve (the GPU-specific one) ----------
 stage experiments "${EXPERIMENTS_TIMEOUT:-90}" experiments.json -- \
   bash -c '"$0" experiments/per_example_cost.py --out "$1/per_example_cost" && cp "$1/per_example_cost/results.json" "$2/experiments.json" && cp "$1/per_example_cost/table.md" "$1/experiments.md"' \
   "$PY" "$SCRATCH" "$RESULTS"
@@ -177,7 +184,7 @@ stage experiments "${EXPERIMENTS_TIMEOUT:-90}" experiments.json -- \
   cat "$STAGES"
   echo
   echo "Tests: $(grep -E '^(=+ )?[0-9]+ (passed|failed)|(passed|failed|error).* in [0-9.]+s' "$RESULTS/tests.txt" | tail -1)"
-  for md in "$SCRATCH"/bench_backward.md "$SCRATCH"/bench_per_example.md "$SCRATCH"/bench_conv.md "$SCRATCH"/multi_device.md "$SCRATCH"/experiments.md; do
+  for md in "$SCRATCH"/bench_backward.md "$SCRATCH"/bench_per_example.md "$SCRATCH"/bench_conv.md "$SCRATCH"/bench_private.md "$SCRATCH"/multi_device.md "$SCRATCH"/experiments.md; do
     [ -f "$md" ] && { echo; echo "## $(basename "$md" .md)"; echo; cat "$md"; }
   done
 } >"$RESULTS/results.md"

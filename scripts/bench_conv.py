@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -44,6 +43,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -51,6 +51,7 @@ import optax  # noqa: E402
 from jax import lax  # noqa: E402
 
 import fnbackprop as fb  # noqa: E402
+from _report import write_outputs  # noqa: E402
 from fnbackprop.cli.args import positive_float, positive_int  # noqa: E402
 from fnbackprop.layers import conv1d  # noqa: E402
 
@@ -249,12 +250,7 @@ def main(argv=None) -> int:
     print(f"goal: manual ≥ {want:g}x the reference's speed: one step per call {goal:.2f}x "
           f"({'met' if goal >= want else 'NOT met'}), in an epoch {epoch:.2f}x "
           f"({'met' if epoch >= want else 'NOT met'})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(result))
+    write_outputs(args.json, args.markdown, result, markdown)
     return 0
 
 

@@ -44,7 +44,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -53,12 +52,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import fnbackprop as fb  # noqa: E402
+from _report import write_outputs  # noqa: E402
 from fnbackprop.cli.args import UsageError, parse_int_list, positive_float, positive_int  # noqa: E402
 
 CPU_PRESET = [((784, 512, 512, 10), 256, True)]
@@ -402,12 +403,7 @@ def main(argv=None) -> int:
 
 
 def write(args, result: dict) -> None:
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(result))
+    write_outputs(args.json, args.markdown, result, markdown)
 
 
 if __name__ == "__main__":

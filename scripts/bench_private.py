@@ -63,7 +63,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import importlib
-import json
 import logging
 import math
 import platform
@@ -75,6 +74,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -82,6 +82,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import fnbackprop as fb  # noqa: E402
+from _report import write_outputs  # noqa: E402
 from fnbackprop.cli.args import (  # noqa: E402
     Parser, UsageError, parse_int_list, positive_float, positive_int)
 from fnbackprop.training.sampling import (  # noqa: E402
@@ -668,12 +669,7 @@ def main(argv=None) -> int:
                                 f"B={FULL['batch']}: not evaluated here)"))
     if args.quick:
         print("--quick is a smoke run at tiny sizes: its timings are not a measurement.")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(result))
+    write_outputs(args.json, args.markdown, result, markdown)
     return 0
 
 

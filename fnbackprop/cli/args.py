@@ -6,7 +6,7 @@ import argparse
 import sys
 
 __all__ = ["UsageError", "Parser", "Formatter", "parse_int_list", "positive_float",
-           "positive_int", "rate"]
+           "positive_int", "rate", "probability"]
 
 
 class UsageError(Exception):
@@ -78,14 +78,24 @@ def positive_int(name: str, *, allow_zero: bool = False):
 
 def rate(name: str):
     """An argparse ``type`` for a rate in [0, 1)."""
+    return _in_unit_interval(name, include_zero=True)
+
+
+def probability(name: str):
+    """An argparse ``type`` for a probability in (0, 1)."""
+    return _in_unit_interval(name, include_zero=False)
+
+
+def _in_unit_interval(name: str, *, include_zero: bool):
+    interval = "[0, 1)" if include_zero else "(0, 1)"
 
     def parse(text: str) -> float:
         try:
             v = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not 0.0 <= v < 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be in [0, 1), got {text}")
+        if not (0.0 <= v < 1.0 if include_zero else 0.0 < v < 1.0):
+            raise argparse.ArgumentTypeError(f"{name} must be in {interval}, got {text}")
         return v
 
     return parse

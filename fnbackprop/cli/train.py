@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fnbackprop.cli.args import UsageError, parse_int_list, positive_float, positive_int, rate
+from fnbackprop.cli.args import (
+    UsageError,
+    parse_int_list,
+    positive_float,
+    positive_int,
+    probability,
+    rate,
+)
 
 __all__ = ["add_parser", "TRAIN_FIELDS"]
 
@@ -25,21 +32,6 @@ def _batch_size(text: str):
     if v < 1:
         raise argparse.ArgumentTypeError(f"--batch-size must be an integer ≥ 1 or 'full', got {v}")
     return v
-
-
-def _probability(name: str):
-    """An argparse ``type`` for a number in (0, 1)."""
-
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not 0.0 < v < 1.0:
-            raise argparse.ArgumentTypeError(f"{name} must be in (0, 1), got {text}")
-        return v
-
-    return parse
 
 
 def _hidden_widths(text: str) -> tuple[int, ...]:
@@ -195,7 +187,7 @@ def add_parser(sub) -> None:
     g.add_argument("--target-epsilon", type=positive_float("--target-epsilon"), metavar="E",
                    help="choose the smallest noise multiplier whose ε after the last epoch is at "
                    "most E (excludes --noise-multiplier) (default: off)")
-    g.add_argument("--delta", type=_probability("--delta"), metavar="D",
+    g.add_argument("--delta", type=probability("--delta"), metavar="D",
                    help="δ of the guarantee (default: 1e-5, or 1/(10·N) when the training set "
                    "has N > 10^4 examples)")
     g.add_argument("--accountant", choices=ACCOUNTANTS,

@@ -26,15 +26,18 @@ pass.
 Memory in detail: global clipping needs every layer's δ before any factor ``c_i`` is known, so
 all deltas are alive at once, where a plain step can drop ``δ^{l+1}`` once ``δ^l`` is formed;
 this can be one more ``(B, n)`` buffer than a plain step. Per-layer clipping waits for nothing.
-Zeroing the rows that do not count (below) takes a copy of the input batch when the batch is
-an argument of the jitted step, and none inside a ``lax.scan`` over batches (as ``fb.train``
-runs an epoch), where the zeroing happens in place. ``scripts/bench_per_example.py`` measures
-both.
+Zeroing rows of the input batch itself (below, only under a mask) takes a copy of it when the
+batch is an argument of the jitted step, and none inside a ``lax.scan`` over batches (as
+``fb.train`` runs an epoch), where it happens in place. ``scripts/bench_per_example.py``
+measures both.
 
 Robustness (as jax_privacy's ``nan_safe``): an example whose gradient norm is not finite
-contributes nothing (its factor is 0 and its rows are zeroed with ``jnp.where``, so that
-``NaN · 0`` cannot leak); its norm is still reported. Rows outside a ``mask`` contribute
-nothing at all and report norm 0.
+contributes nothing (its factor is 0 and its rows of the deltas and of every layer's input are
+zeroed with ``jnp.where``, so that ``NaN · 0`` cannot leak); its norm is still reported. Rows
+outside a ``mask`` contribute nothing at all and report norm 0, whatever they hold. The one
+exception: without a mask, the network's input ``x`` is taken as it is (zeroing it would cost a
+copy of the batch), so a non-finite *input* row makes the first layer's weight gradient NaN —
+loudly; data loaders refuse non-finite inputs, and a padded batch comes with its mask.
 
 Per-example quantities concern the *data* loss of :func:`fnbackprop.loss` on one example (a batch
 of one): there is no weight penalty and no dropout here.
@@ -280,22 +283,24 @@ def _per_example_parts(layer, shape, a: jax.Array, delta: jax.Array):
     return layer.norm_sq(a, delta, "ghost"), ("ghost", a, delta)
 
 
-def _weighted_sum(layer, w_shape, parts, factors: jax.Array, keep: jax.Array) -> dict:
+def _weighted_sum(layer, w_shape, parts, factors: jax.Array, keep: jax.Array,
+                  zero_inputs: bool = True) -> dict:
     """``Σ_i factors_i ∂ℓ_i/∂θ`` over the kept rows (``keep``: ``(B,)`` booleans).
 
-    Rows not kept are replaced by zeros with ``jnp.where`` (in the inputs too, so that a
-    non-finite input cannot give ``NaN · 0``).
+    Rows not kept are replaced by zeros with ``jnp.where`` (in the layer's inputs too, unless
+    ``zero_inputs`` is false, so that a non-finite input cannot give ``NaN · 0``).
     """
     kind, x1, x2 = parts
 
     def kept(v):
         return jnp.where(keep.reshape(keep.shape + (1,) * (v.ndim - 1)), v, 0)
 
+    u = kept(x1) if zero_inputs else x1
     if kind == "materialised":
         f = kept(factors)
-        return {"w": jnp.tensordot(f, kept(x1), axes=1).reshape(w_shape),
+        return {"w": jnp.tensordot(f, u, axes=1).reshape(w_shape),
                 "b": jnp.tensordot(f, kept(x2), axes=1)}
-    return layer.grads(kept(x1), kept(x2 * factors.reshape(factors.shape + (1,) * (x2.ndim - 1))))
+    return layer.grads(u, kept(x2 * factors.reshape(factors.shape + (1,) * (x2.ndim - 1))))
 
 
 def _clipped(net: AnyNet, bw: Backward, clip_norm, per_layer: bool, mask, normalize_by, ok):
@@ -319,7 +324,8 @@ def _clipped(net: AnyNet, bw: Backward, clip_norm, per_layer: bool, mask, normal
             norm = jnp.sqrt(sq)  # (B,)
             keep = jnp.isfinite(norm) if mask is None else mask & jnp.isfinite(norm)
             grads[i] = _weighted_sum(net.layers[i], w_shape[i], parts,
-                                     _clip_factors(norm, limit) * inv_n, keep)
+                                     _clip_factors(norm, limit) * inv_n, keep,
+                                     zero_inputs=i > 0 or mask is not None)
             cols.append(norm)
         norms = jnp.stack(cols, axis=1)  # (B, L_p)
     else:
@@ -330,7 +336,8 @@ def _clipped(net: AnyNet, bw: Backward, clip_norm, per_layer: bool, mask, normal
         keep = jnp.isfinite(norms) if mask is None else mask & jnp.isfinite(norms)
         factors = _clip_factors(norms, clip_norm) * inv_n  # c_i / n
         for i in reversed(layers):  # the last layers first: their buffers are freed sooner
-            grads[i] = _weighted_sum(net.layers[i], w_shape[i], parts[i], factors, keep)
+            grads[i] = _weighted_sum(net.layers[i], w_shape[i], parts[i], factors, keep,
+                                     zero_inputs=i > 0 or mask is not None)
     if mask is not None:
         norms = jnp.where(mask.reshape(mask.shape + (1,) * (norms.ndim - 1)), norms, 0)
     return grads, norms, inv_n
@@ -443,7 +450,9 @@ def clipped_grad(
     * An example with a zero gradient gets ``c_i = 1`` (no NaN); ``clip_norm=inf`` gives the
       plain gradient :func:`fnbackprop.manual_grad`.
     * An example whose gradient norm is not finite gets ``c_i = 0``: it contributes nothing
-      (its rows are zeroed with ``jnp.where``) and the rest is exact.
+      (its rows are zeroed with ``jnp.where``) and the rest is exact. Without a ``mask`` the
+      input ``x`` itself is not zeroed (that would copy the batch): a non-finite row of ``x``
+      makes the first layer's weight gradient NaN.
     * ``per_layer=True``: each parametrised layer's part ``(∂ℓ_i/∂W^l, ∂ℓ_i/∂b^l)`` is clipped
       on its own to ``C/√L_p`` (L_p: the number of layers with parameters), with
       ``c_i^l = min(1, (C/√L_p)/‖g_i^l‖)``. The clipped per-example gradient then still has

@@ -212,14 +212,33 @@ def test_a_non_finite_example_contributes_nothing_and_the_rest_is_exact(kind):
     net = conv_net() if kind == "conv" else fb.MLP((4, 6, 3), "tanh", "softmax", "cross_entropy")
     params, x, y = make(net, batch=6, seed=9)
     g = everything(net, params, x, y)["vmap"]
+    keep = np.arange(6) != 2
+    everyone = jnp.ones(6, bool)
     for bad_x in (jnp.nan, jnp.inf):
         x_bad = x.at[2].set(bad_x)
         for per_layer in (False, True):
-            got, norms = clipped_and_norms(net, params, x_bad, y, 0.3, per_layer=per_layer)
+            ref = reference_clip(g, 0.3, per_layer, mask=keep, normalize_by=6)
+            # With a mask, every row that does not count is zeroed, the input's too: exact.
+            got, norms = clipped_and_norms(net, params, x_bad, y, 0.3, per_layer=per_layer,
+                                           mask=everyone)
             assert not np.all(np.isfinite(np.asarray(norms)[2]))  # the norm shows it
             assert np.all(np.isfinite(np.delete(np.asarray(norms), 2, axis=0)))
-            keep = np.arange(6) != 2
-            assert_close(got, reference_clip(g, 0.3, per_layer, mask=keep, normalize_by=6))
+            assert_close(got, ref)
+            # Without one the input itself is not copied: its non-finite row reaches the first
+            # layer's weight gradient (loudly, as NaN); everything after it is exact.
+            got, _ = clipped_and_norms(net, params, x_bad, y, 0.3, per_layer=per_layer)
+            assert not np.all(np.isfinite(np.asarray(got[0]["w"])))
+            assert_close([{"b": got[0]["b"]}] + got[1:], [{"b": ref[0]["b"]}] + ref[1:])
+
+
+def test_an_example_that_overflows_inside_the_network_is_dropped_without_a_mask():
+    net = fb.MLP((4, 6, 3), "relu", "softmax", "cross_entropy")
+    params, x, y = make(net, batch=6, seed=9)
+    x_big = x.at[2].set(1e300)  # finite, but its activations and norm overflow
+    g = everything(net, params, x, y)["vmap"]
+    got, norms = clipped_and_norms(net, params, x_big, y, 0.3)
+    assert not np.isfinite(np.asarray(norms)[2])
+    assert_close(got, reference_clip(g, 0.3, False, mask=np.arange(6) != 2, normalize_by=6))
 
 
 def test_normalize_by_and_its_errors():

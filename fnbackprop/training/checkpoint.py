@@ -28,8 +28,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-__all__ = ["CheckpointStore", "CheckpointError", "Restored", "open_in_background",
-           "pack_leaves", "unpack_leaves"]
+__all__ = ["CheckpointStore", "CheckpointError", "Restored", "Saver", "pack_leaves",
+           "unpack_leaves"]
 
 
 class CheckpointError(ValueError):
@@ -276,10 +276,55 @@ class CheckpointStore:
         self.close()
 
 
-def open_in_background(directory: str, *, keep: int) -> concurrent.futures.Future:
-    """A :class:`CheckpointStore` opened on a worker thread (importing orbax takes a while):
-    ``.result()`` gives the store once it is needed, typically after training overlapped it."""
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-    future = pool.submit(CheckpointStore, directory, keep=keep)
-    pool.shutdown(wait=False)
-    return future
+class Saver:
+    """A :class:`CheckpointStore` whose saves run in order on one worker thread.
+
+    Opening the store (importing orbax) and every save then overlap with the training and the
+    final outputs; :meth:`wait` returns once everything submitted is on disk (and re-raises a
+    save's error). With ``background=False`` (several processes, which orbax coordinates) every
+    call runs at once on the calling thread.
+
+    Args:
+      directory: the checkpoint folder.
+      keep: how many checkpoints to keep.
+      background: open and save on the worker thread.
+    """
+
+    def __init__(self, directory: str, *, keep: int, background: bool = True):
+        self._pool = (concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="checkpoint") if background else None)
+        self._store = self._submit(CheckpointStore, directory, keep=keep)
+        self._pending: list[concurrent.futures.Future] = []
+
+    def _submit(self, fn, *args, **kwargs) -> concurrent.futures.Future:
+        if self._pool is not None:
+            return self._pool.submit(fn, *args, **kwargs)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(fn(*args, **kwargs))
+        return done
+
+    @property
+    def store(self) -> CheckpointStore:
+        """The store (waits until it is open)."""
+        return self._store.result()
+
+    def save(self, step: int, state: NamedTuple, extra: dict) -> None:
+        """Queues :meth:`CheckpointStore.save` after waiting for the previous save: at most one
+        is in flight, so at most one extra state is held (its arrays are immutable: no copy)."""
+        self.wait()
+        self._pending.append(self._submit(lambda: self.store.save(step, state, extra)))
+
+    def wait(self) -> None:
+        """Waits for every queued save; raises the first one's error, if any."""
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
+
+    def close(self) -> None:
+        """Waits for the saves, then releases the store and the worker."""
+        try:
+            self.wait()
+        finally:
+            self.store.close()
+            if self._pool is not None:
+                self._pool.shutdown()

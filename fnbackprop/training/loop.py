@@ -8,7 +8,9 @@ parameters, bit for bit, as an uninterrupted one.
 Checkpoints (``out`` given): by default at most one save every ``checkpoint_seconds`` of wall
 time, plus the last epoch, plus the epoch during which SIGINT or SIGTERM arrived (the run then
 stops with :class:`Interrupted`); ``checkpoint_every=K`` saves every K epochs and the last one;
-``0`` never. The store is opened on a worker thread while the first epochs run.
+``0`` never. The store is opened, and every save written, on one worker thread
+(:class:`~fnbackprop.training.checkpoint.Saver`), overlapping with the epochs and the final
+outputs; a run waits for its saves before it returns or stops.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax
 from fnbackprop.network import Params
 from fnbackprop import parallel as parallel_lib
 from fnbackprop.training import accounting, folder, outputs
-from fnbackprop.training.checkpoint import CheckpointStore, open_in_background
+from fnbackprop.training.checkpoint import CheckpointStore, Saver
 from fnbackprop.training.config import TrainConfig, make_config
 from fnbackprop.training.evaluation import compile_evaluate
 from fnbackprop.training.prepare import (
@@ -123,7 +125,7 @@ class Session(NamedTuple):
       arrays: the data on the devices.
       compiled: the compiled epoch and evaluation.
       out: the output folder or ``None``.
-      store: the checkpoint store (or a future of it) or ``None``.
+      store: the :class:`~fnbackprop.training.checkpoint.Saver` or ``None``.
       ident: the run's identity (configuration and data fingerprint).
       epsilons: a private run's :class:`~fnbackprop.training.accounting.EpsilonSchedule`.
     """
@@ -191,16 +193,19 @@ def train(config: TrainConfig | None = None, *, out: str | None = None, resume: 
     run, resumed_from = _fresh(prep), None
     store = _open_store(out, resume, config)
     try:
-        if isinstance(store, CheckpointStore) and store.steps():
-            run, resumed_from = _restore(store, run, prep, ident)
+        if resume and store is not None and store.store.steps():
+            run, resumed_from = _restore(store.store, run, prep, ident)
         t0 = time.perf_counter()
         compiled = _compile(run, prep, arrays)
         compile_s = time.perf_counter() - t0
         session = Session(prep, arrays, compiled, out, store, ident, epsilons)
         run = _epochs(run, session, progress)
+        result = _finish(run, session, dict(compile_time_s=compile_s,
+                                            resumed_from_epoch=resumed_from))
     finally:
-        _close(store)
-    return _finish(run, session, dict(compile_time_s=compile_s, resumed_from_epoch=resumed_from))
+        if store is not None:
+            store.close()  # waits for the saves
+    return result
 
 
 def _fresh(prep: Prepared) -> RunState:
@@ -213,24 +218,14 @@ def _ckpt_dir(out: str) -> str:
     return os.path.join(out, "checkpoints")
 
 
-def _open_store(out, resume: bool, config: TrainConfig):
-    """The checkpoint store: opened now to resume from, opened in the background for the saves
-    to come (a future), or ``None`` without checkpoints."""
-    if out is None:
+def _open_store(out, resume: bool, config: TrainConfig) -> Saver | None:
+    """The checkpoint saver (``None`` without checkpoints): on a worker thread, except with
+    several processes (orbax coordinates them: every call on the main thread)."""
+    if out is None or (config.checkpoint_every == 0
+                       and not (resume and os.path.isdir(_ckpt_dir(out)))):
         return None
-    path = _ckpt_dir(out)
-    if resume and os.path.isdir(path):
-        return CheckpointStore(path, keep=config.keep_checkpoints)
-    if config.checkpoint_every == 0:
-        return None
-    if jax.process_count() > 1:  # orbax coordinates the processes: keep it on the main thread
-        return CheckpointStore(path, keep=config.keep_checkpoints)
-    return open_in_background(path, keep=config.keep_checkpoints)
-
-
-def _close(store) -> None:
-    if store is not None:
-        (store.result() if hasattr(store, "result") else store).close()
+    return Saver(_ckpt_dir(out), keep=config.keep_checkpoints,
+                 background=jax.process_count() == 1)
 
 
 def _compile(run: RunState, prep: Prepared, arrays: DeviceData) -> Compiled:
@@ -274,6 +269,8 @@ def _epochs(run: RunState, session: Session, progress: bool) -> RunState:
                 _save(session.store, run, session.ident)
                 last_save = time.monotonic()
             if signals.signum is not None and run.stop_reason is None:
+                if session.store is not None:
+                    session.store.wait()
                 raise Interrupted(signals.signum, run.epoch)
     if bar is not None:
         bar.close()
@@ -356,8 +353,7 @@ def _save_due(config: TrainConfig, run: RunState, last_save: float, stopping: bo
     return run.epoch % config.checkpoint_every == 0
 
 
-def _save(store, run: RunState, ident: dict) -> None:
-    store = store.result() if hasattr(store, "result") else store
+def _save(store: Saver, run: RunState, ident: dict) -> None:
     store.save(run.epoch, run, ident)
 
 

@@ -44,6 +44,7 @@ EXPERIMENTS = (
     "initialization",
     "per_example_cost",
     "optimizers",
+    "mlp_vs_cnn",
 )
 
 PAGE_INTRO = """\
@@ -57,8 +58,8 @@ One script per question. Each runs as
 
 ```bash
 python experiments/NAME.py [--quick | --smoke] [--out DIR] [--seed S]
-python experiments/run_all.py --quick          # all eight at the 2-core CPU size; rewrites results/ and this page
-python experiments/run_all.py                  # all eight, full size (meant for a GPU machine)
+python experiments/run_all.py --quick          # all nine at the 2-core CPU size; rewrites results/ and this page
+python experiments/run_all.py                  # all nine, full size (meant for a GPU machine)
 ```
 
 and writes `table.md` (setup, claims with verdicts, every table, figures), `results.json` (the raw

@@ -256,3 +256,52 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     run_all = _load("run_all")
     assert run_all.main(["--only", "nonsense", "--out", str(tmp_path)]) == 2
     assert "unknown experiment" in capsys.readouterr().err
+
+
+def test_mlp_vs_cnn(smoke):
+    """The two networks are the defaults they claim to be; parameters and multiply-adds match a
+    count by hand from the configurations; every layer's gradient and δ norms are recorded, finite
+    and non-zero; the δ ratios and the accuracy claim follow from the raw runs."""
+    import fnbackprop as fb
+
+    res = smoke("mlp_vs_cnn")
+    mod = _load("mlp_vs_cnn")
+    cfg = mod.CONFIGS["smoke"]
+    s, runs = res["results"]["summary"], res["results"]["runs"]
+    mlp_c, cnn_c = s["MLP"]["config"], s["CNN"]["config"]
+    assert mlp_c["conv"] == [] and mlp_c["hidden"] == [512, 512] and mlp_c["lr"] == 1e-3
+    want = fb.default_config("mnist1d")
+    assert cnn_c["conv"] == [list(c) for c in want.conv] and len(want.conv) > 0
+    assert cnn_c["hidden"] == list(want.hidden) and cnn_c["lr"] == want.lr
+    assert cnn_c["schedule"] == want.schedule and cnn_c["augment"] == want.augment
+    assert mlp_c["epochs"] == cnn_c["epochs"] == cfg["mlp_epochs"] == cfg["cnn_epochs"]
+
+    def count(conv, hidden, length=40, c_in=1):
+        params = macs = 0
+        for c, k, stride in conv:
+            length = -(-length // stride)  # SAME padding
+            params += k * c_in * c + c
+            macs += length * k * c_in * c
+            c_in = c
+        n = length * c_in
+        for h in (*hidden, 10):
+            params, macs, n = params + n * h + h, macs + n * h, h
+        return params, macs
+
+    for name, c in (("MLP", mlp_c), ("CNN", cnn_c)):
+        p, m = count(c["conv"], c["hidden"])
+        assert s[name]["params"] == p and s[name]["macs"] == m, name
+        layers = len(c["conv"]) + len(c["hidden"]) + 1
+        assert len(s[name]["layers"]) == layers
+        for r in runs[name]:
+            g, d = np.array(r["grad_norm"], float), np.array(r["delta_norm"], float)
+            assert g.shape == d.shape == (cfg["cnn_epochs"], layers)
+            assert np.all(np.isfinite(g)) and np.all(g > 0) and np.all(d > 0)
+        d = np.array([r["delta_norm"] for r in runs[name]], float)
+        assert s[name]["ratio_min"] == pytest.approx(float(np.min(d[:, :, 0] / d[:, :, -1])))
+        acc = [r["test_acc"] for r in runs[name]]
+        assert s[name]["acc_mean"] == pytest.approx(float(np.mean(acc)))
+    assert s["CNN"]["params"] < s["MLP"]["params"]
+    first = res["claims"][0]
+    if s["CNN"]["acc_mean"] <= s["MLP"]["acc_mean"]:
+        assert first["verdict"] == "not supported"

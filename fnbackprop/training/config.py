@@ -73,8 +73,9 @@ DATASET_DEFAULTS: MappingProxyType = MappingProxyType({
         batch_size=32, epochs=30,
     )),
     "mnist1d": MappingProxyType(dict(
-        hidden=(512, 512), activation="relu", init="he_normal", optimizer="adam", lr=1e-3,
-        batch_size=100, epochs=60, augment=True,
+        conv=((32, 5, 1), (32, 5, 2), (32, 5, 2)), hidden=(), activation="gelu",
+        init="he_normal", optimizer="adam", lr=1e-2, schedule="cosine", batch_size=100,
+        epochs=150, augment=True,
     )),
     "mnist1d_60k": MappingProxyType(dict(
         hidden=(512, 512), activation="relu", init="he_normal", optimizer="adam", lr=1e-3,

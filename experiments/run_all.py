@@ -44,6 +44,7 @@ EXPERIMENTS = (
     "initialization",
     "per_example_cost",
     "optimizers",
+    "private_training",
 )
 
 PAGE_INTRO = """\

@@ -45,6 +45,7 @@ EXPERIMENTS = (
     "per_example_cost",
     "optimizers",
     "mlp_vs_cnn",
+    "private_training",
 )
 
 PAGE_INTRO = """\

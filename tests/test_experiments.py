@@ -246,6 +246,51 @@ def test_optimizers(smoke):
         assert res["results"]["best_lr"][opt] == min(by_lr, key=by_lr.get)
 
 
+def test_private_training(smoke):
+    """Each private run reports dp-accounting's ε for its own σ, q and steps (recomputed here),
+    ε falls as σ grows, the run without noise has no privacy block, and the published table
+    holds fb.privacy's settings with PLD < RDP < published."""
+    import fnbackprop as fb
+
+    res = smoke("private_training")
+    mod = _load("private_training")
+    cfg = mod.CONFIGS["smoke"]
+    r = res["results"]
+    n, setup = r["n_train"], cfg["setup"]
+    eps_by_sigma = {}
+    for label, recs in r["runs"].items():
+        for rec in recs:
+            p = rec.get("privacy")
+            if label == mod.levels(cfg)[-1].label:  # no noise: no guarantee, nothing accounted
+                assert p is None and rec["config"]["per_example_clip"] == setup["per_example_clip"]
+                continue
+            assert p["sampling"] == "poisson" and p["delta"] == mod.DELTA
+            assert p["sampling_rate"] == pytest.approx(setup["batch_size"] / n, rel=1e-12)
+            assert p["steps"] == setup["epochs"] * round(n / setup["batch_size"])
+            assert p["truncated_batches"] == 0
+            assert rec["config"]["noise_multiplier"] == p["noise_multiplier"]
+            expected = fb.privacy.epsilon(p["noise_multiplier"], p["sampling_rate"], p["steps"],
+                                          p["delta"])
+            assert p["epsilon"] == pytest.approx(expected, rel=1e-9)
+            assert rec["epsilon_curve"][-1] == pytest.approx(expected, rel=1e-9)
+            assert np.all(np.diff(rec["epsilon_curve"]) > 0)  # privacy is spent every epoch
+            assert rec["epsilon_rdp"] > p["epsilon"]
+            eps_by_sigma[p["noise_multiplier"]] = p["epsilon"]
+    sigmas = sorted(eps_by_sigma)
+    assert sigmas == sorted(cfg["sigmas"]) and len(sigmas) >= 2
+    assert all(eps_by_sigma[a] > eps_by_sigma[b] for a, b in zip(sigmas, sigmas[1:]))
+    assert {c["claim"].split(":")[0]: c["verdict"] for c in res["claims"]}[
+        "Poisson accounting"] == "supported"
+    pub = r["published"]
+    assert [(q["source"], q["noise_multiplier"], q["steps"]) for q in pub] == [
+        (s.source, s.noise_multiplier, s.steps) for s in fb.privacy.PUBLISHED_SETTINGS]
+    first = fb.privacy.PUBLISHED_SETTINGS[0]
+    for acc in ("rdp", "pld"):
+        assert pub[0][f"epsilon_{acc}"] == pytest.approx(fb.privacy.epsilon(
+            first.noise_multiplier, first.sampling_rate, first.steps, first.delta, acc), rel=1e-9)
+    assert all(q["epsilon_pld"] < q["epsilon_rdp"] < q["published_epsilon"] for q in pub)
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     mod = _load("optimizers")
     with pytest.raises(SystemExit) as e:

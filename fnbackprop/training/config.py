@@ -78,8 +78,9 @@ DATASET_DEFAULTS: MappingProxyType = MappingProxyType({
         epochs=150, augment=True,
     )),
     "mnist1d_60k": MappingProxyType(dict(
-        hidden=(512, 512), activation="relu", init="he_normal", optimizer="adam", lr=1e-3,
-        batch_size=100, epochs=20, augment=True,
+        conv=((25, 5, 1), (25, 5, 2), (25, 5, 2)), hidden=(), activation="relu",
+        init="he_normal", optimizer="adam", lr=2e-3, schedule="cosine", batch_size=100,
+        epochs=20, augment=True,
     )),
     "xor": MappingProxyType(dict(
         hidden=(16, 16), activation="tanh", init="xavier_normal", optimizer="adam", lr=1e-2,

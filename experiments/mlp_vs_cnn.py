@@ -183,6 +183,18 @@ def pm_pct(s: dict) -> str:
     return f"{100 * s['acc_mean']:.1f} ± {100 * s['acc_std']:.1f} %"
 
 
+def _per_layer_curves(ax, s: dict, field: str, colors: dict) -> None:
+    """One line per (network, layer) of a per-epoch, per-layer reading, on a log scale."""
+    for name, v in s.items():
+        g = np.asarray(v[field])
+        for l, label in enumerate(v["layers"]):
+            ax.plot(np.arange(1, g.shape[0] + 1), g[:, l], color=colors[name],
+                    alpha=0.35 + 0.65 * (l + 1) / len(v["layers"]),
+                    ls="-" if l == 0 else "--" if l == len(v["layers"]) - 1 else ":",
+                    label=f"{name} {label}")
+    ax.set_yscale("log")
+
+
 def _figure(s: dict, out: Path) -> str:
     fig, axes = C.figure(ncols=3, width=4.2, height=3.4)
     colors = {"MLP": "tab:blue", "CNN": "tab:red"}
@@ -196,26 +208,12 @@ def _figure(s: dict, out: Path) -> str:
     ax.set_ylim(max(0.0, 100 * lo - 5), 100)
     ax.legend(fontsize=7)
     ax = axes[0, 1]
-    for name, v in s.items():
-        g = np.asarray(v["grad_rms_mean"])
-        for l, label in enumerate(v["layers"]):
-            ax.plot(np.arange(1, g.shape[0] + 1), g[:, l], color=colors[name],
-                    alpha=0.35 + 0.65 * (l + 1) / len(v["layers"]),
-                    ls="-" if l == 0 else "--" if l == len(v["layers"]) - 1 else ":",
-                    label=f"{name} {label}")
-    ax.set_yscale("log")
+    _per_layer_curves(ax, s, "grad_rms_mean", colors)
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel("‖∂L/∂W^l‖_F / √(weights), per step", fontsize=8)
     ax.legend(fontsize=5.5, ncol=2)
     ax = axes[0, 2]
-    for name, v in s.items():
-        d = np.asarray(v["delta_mean"])
-        for l, label in enumerate(v["layers"]):
-            ax.plot(np.arange(1, d.shape[0] + 1), d[:, l], color=colors[name],
-                    alpha=0.35 + 0.65 * (l + 1) / len(v["layers"]),
-                    ls="-" if l == 0 else "--" if l == len(v["layers"]) - 1 else ":",
-                    label=f"{name} {label}")
-    ax.set_yscale("log")
+    _per_layer_curves(ax, s, "delta_mean", colors)
     ax.set_xlabel("epoch", fontsize=8)
     ax.set_ylabel("mean per-example ‖δ^l‖", fontsize=8)
     for a in axes[0]:

@@ -58,7 +58,8 @@ def ours(steps: int, cache_dir: str, workdir: str, tag: str, checkpoints: bool =
     out = os.path.join(workdir, f"run-{tag}")
     cmd = [sys.executable, "-m", "fnbackprop", "train", "--dataset", "mnist1d",
            "--hidden", ",".join(map(str, HIDDEN)), "--activation", "relu", "--init", "he_normal",
-           "--optimizer", "adam", "--lr", str(LR), "--batch-size", str(BATCH),
+           "--optimizer", "adam", "--lr", str(LR), "--schedule", "constant",
+           "--batch-size", str(BATCH),
            "--epochs", str(epochs), "--no-augment", "--quiet", "--out", out]
     if not checkpoints:
         cmd[-2:-2] = ["--checkpoint-every", "0"]
@@ -83,8 +84,9 @@ def diagnostics_cost(rounds: int = 40) -> float:
     from fnbackprop.training.sampling import epoch_batches
     from fnbackprop.training.step import compile_epoch
 
-    config = make_config(None, dict(dataset="mnist1d", hidden=HIDDEN, optimizer="adam", lr=LR,
-                                    batch_size=BATCH, augment=False))
+    config = make_config(None, dict(dataset="mnist1d", hidden=HIDDEN, activation="relu",
+                                    init="he_normal", optimizer="adam", lr=LR,
+                                    schedule="constant", batch_size=BATCH, augment=False))
     prep = P.prepare(config, data_lib.load_dataset("mnist1d"), jax.devices()[:1])
     arrays, state = P.device_data(prep), P.initial_state(prep)
     b = epoch_batches(prep.batching, 0, 0)

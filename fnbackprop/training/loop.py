@@ -266,11 +266,9 @@ def _epochs(run: RunState, session: Session, progress: bool) -> RunState:
             stopping = run.stop_reason is not None or signals.signum is not None
             if session.store is not None and not run.diverged and _save_due(
                     config, run, last_save, stopping):
-                _save(session.store, run, session.ident)
+                session.store.save(run.epoch, run, session.ident)
                 last_save = time.monotonic()
             if signals.signum is not None and run.stop_reason is None:
-                if session.store is not None:
-                    session.store.wait()
                 raise Interrupted(signals.signum, run.epoch)
     if bar is not None:
         bar.close()
@@ -351,10 +349,6 @@ def _save_due(config: TrainConfig, run: RunState, last_save: float, stopping: bo
     if config.checkpoint_every is None:
         return time.monotonic() - last_save >= config.checkpoint_seconds
     return run.epoch % config.checkpoint_every == 0
-
-
-def _save(store: Saver, run: RunState, ident: dict) -> None:
-    store.save(run.epoch, run, ident)
 
 
 def _restore(store: CheckpointStore, template: RunState, prep: Prepared, ident: dict):

@@ -1,11 +1,15 @@
-"""What every benchmark script writes when asked: its result as JSON and its Markdown table."""
+"""What the benchmark scripts share: writing a result as JSON and its Markdown table, and the
+environment of a ``fnbackprop`` command they time as a subprocess."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 
-__all__ = ["write_outputs"]
+__all__ = ["cli_env", "write_outputs"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_outputs(json_path: str | None, markdown_path: str | None, result: dict,
@@ -17,3 +21,14 @@ def write_outputs(json_path: str | None, markdown_path: str | None, result: dict
     if markdown_path:
         with open(markdown_path, "w") as f:
             f.write(markdown(result))
+
+
+def cli_env(cache_dir: str) -> dict:
+    """This process's environment for a ``python -m fnbackprop`` subprocess: this checkout first
+    on the path, the JAX compilation cache in ``cache_dir`` (a fresh folder: a cold start), and
+    the cache switch left at its default."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    env.pop("FNBACKPROP_COMPILE_CACHE", None)
+    return env

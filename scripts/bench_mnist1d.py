@@ -39,19 +39,12 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _report import cli_env
+
 HIDDEN = (100, 100)
 LR = 1e-2
 BATCH = 100
 N_TRAIN = 4000
-
-
-def _env(cache_dir: str) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-    env.pop("FNBACKPROP_COMPILE_CACHE", None)
-    return env
 
 
 def ours(steps: int, cache_dir: str, workdir: str, tag: str, checkpoints: bool = True,
@@ -66,7 +59,7 @@ def ours(steps: int, cache_dir: str, workdir: str, tag: str, checkpoints: bool =
     if not checkpoints:
         cmd[-2:-2] = ["--checkpoint-every", "0"]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=_env(cache_dir), capture_output=True, text=True)
+    p = subprocess.run(cmd, env=cli_env(cache_dir), capture_output=True, text=True)
     whole = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"fnbackprop train failed ({p.returncode}): {p.stderr.strip()}")
@@ -157,7 +150,7 @@ def pytorch(steps: int, seed: int) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker", "--steps", str(steps),
            "--seed", str(seed)]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=_env(""), capture_output=True, text=True)
+    p = subprocess.run(cmd, env=cli_env(""), capture_output=True, text=True)
     whole = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"the PyTorch run failed: {p.stderr.strip()[-500:]}")

@@ -25,7 +25,8 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+from _report import ROOT, cli_env
+
 sys.path.insert(0, ROOT)
 
 DATASETS = ("digits", "breast_cancer", "diabetes", "mnist1d", "mnist1d_60k")
@@ -34,13 +35,10 @@ DATASETS = ("digits", "breast_cancer", "diabetes", "mnist1d", "mnist1d_60k")
 def run_once(dataset: str, seed: int, cache_dir: str, workdir: str) -> dict:
     """One default command; its test result and wall time."""
     out = os.path.join(workdir, f"{dataset}-{seed}-{time.monotonic_ns()}")
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir,
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("FNBACKPROP_COMPILE_CACHE", None)
     cmd = [sys.executable, "-m", "fnbackprop", "train", "--dataset", dataset, "--seed", str(seed),
            "--out", out, "--quiet"]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=cli_env(cache_dir), capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()[-500:]}")
